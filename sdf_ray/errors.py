@@ -1,0 +1,33 @@
+"""User-facing error types. Each prints as one line and maps to exit code 2 in the CLI."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad config, bad data, bad arguments): exit code 2, no traceback."""
+
+
+class ConfigError(UserError):
+    """One or more problems in a training or search config; ``problems`` lists them all."""
+
+    def __init__(self, problems: list[str] | str, source: str | None = None) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
+        where = f"{source}: " if source else ""
+        if len(self.problems) == 1:
+            message = f"{where}{self.problems[0]}"
+        else:
+            message = f"{where}{len(self.problems)} problems: " + "; ".join(self.problems)
+        super().__init__(message)
+
+
+class DataError(UserError):
+    """A dataset that is missing, corrupt, or disagrees with its manifest."""
+
+
+class ClusterError(UserError):
+    """The Ray cluster cannot run what was asked (unreachable, too small, no token)."""
+
+
+class TrainingDiverged(Exception):
+    """Raised inside the training loop when the guard's escalation is exhausted."""
