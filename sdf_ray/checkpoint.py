@@ -1,0 +1,130 @@
+"""Training state <-> a world-size-independent snapshot (gathered codes), on disk and in memory.
+
+A snapshot holds the decoder, its Adam moments, the full latent table and its Adam moments in
+global scene order, counters, the data-stream position and RNG states. Taking one is a collective
+(every rank gathers every rank's codes), so every rank ends up with the same snapshot: that is what
+lets any rank roll back, and a restart with another world size re-shard it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from sdf_ray.train_loop import TrainState
+
+STATE_FILE = "state.pt"
+FORMAT_VERSION = 1
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+def take_snapshot(state: TrainState) -> dict[str, Any]:
+    """Collective: call on every rank at the same step. Returns CPU tensors only."""
+    coll = state.coll
+    world, num_scenes = coll.world_size, state.num_scenes_total
+    latent_param = state.latents.codes
+    latent_opt = state.optimizer.state[latent_param]
+
+    def gather_table(local_NL: torch.Tensor) -> torch.Tensor:
+        full = torch.empty((num_scenes, local_NL.shape[1]), dtype=local_NL.dtype)
+        for rank, rows in enumerate(coll.all_gather_rows(local_NL.detach())):
+            full[rank::world] = rows.cpu()  # round-robin sharding: rank r owns scenes r, r+W, ...
+        return full
+
+    decoder_params = list(state.decoder_module.parameters())
+    rng = {"cpu": torch.get_rng_state()}
+    if state.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(state.device)
+    return {
+        "format_version": FORMAT_VERSION,
+        "step": state.step,
+        "data_offset": state.data_offset,
+        "rollbacks": state.escalation.rollbacks,
+        "restarts": state.restarts,
+        "guard_counters": state.counters.state(),
+        "elapsed_s": state.elapsed_s,
+        "decoder": {k: _cpu(v) for k, v in state.decoder_module.state_dict().items()},
+        "decoder_optim": [
+            {k: _cpu(v) for k, v in state.optimizer.state[p].items()} for p in decoder_params
+        ],
+        "latents": gather_table(latent_param),
+        "latent_optim": {
+            "exp_avg": gather_table(latent_opt["exp_avg"]),
+            "exp_avg_sq": gather_table(latent_opt["exp_avg_sq"]),
+            "step": _cpu(latent_opt["step"]),
+        },
+        "rng": coll.all_gather_object(rng),
+        "world_size": world,
+    }
+
+
+@torch.no_grad()
+def restore_snapshot(state: TrainState, snap: dict[str, Any], *, restore_rng: bool = True) -> None:
+    """Load a snapshot into this rank's state in place (optimizer references stay valid)."""
+    if snap.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint format {snap.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if snap["latents"].shape[0] != state.num_scenes_total:
+        raise ValueError(f"checkpoint has {snap['latents'].shape[0]} latent codes, "
+                         f"the dataset has {state.num_scenes_total} scenes")
+    state.decoder_module.load_state_dict(snap["decoder"])
+    for p, saved in zip(state.decoder_module.parameters(), snap["decoder_optim"]):
+        for k, v in saved.items():
+            state.optimizer.state[p][k].copy_(v)
+    shard = torch.as_tensor(state.shard)
+    state.latents.codes.copy_(snap["latents"][shard])
+    latent_opt = state.optimizer.state[state.latents.codes]
+    latent_opt["exp_avg"].copy_(snap["latent_optim"]["exp_avg"][shard])
+    latent_opt["exp_avg_sq"].copy_(snap["latent_optim"]["exp_avg_sq"][shard])
+    latent_opt["step"].copy_(snap["latent_optim"]["step"])
+    state.step = int(snap["step"])
+    state.data_offset = int(snap["data_offset"])
+    state.elapsed_s = float(snap.get("elapsed_s", 0.0))
+    if restore_rng and snap["world_size"] == state.coll.world_size:
+        rng = snap["rng"][state.coll.rank]
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and state.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], state.device)
+    elif restore_rng:  # another world size: fresh, deterministic per-rank dropout streams
+        torch.manual_seed(hash((state.cfg.data.seed, state.coll.rank, state.step)) % 2**63)
+
+
+def replica_checksum(state: TrainState, snap: dict[str, Any]) -> str:
+    """Hash of this rank's decoder and decoder optimizer state plus the gathered codes and their state.
+
+    The decoder copies are the ones that could drift apart between replicas; equal checksums across
+    ranks prove they did not.
+    """
+    h = hashlib.sha256()
+    for p in state.decoder_module.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        for v in state.optimizer.state[p].values():
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    for t in (snap["latents"], snap["latent_optim"]["exp_avg"], snap["latent_optim"]["exp_avg_sq"]):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save(snap: dict[str, Any], directory: str | Path) -> Path:
+    """Write atomically (temp file + rename) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".tmp")
+    os.close(fd)
+    torch.save(snap, tmp)
+    final = directory / STATE_FILE
+    os.replace(tmp, final)
+    return final
+
+
+def load(directory: str | Path) -> dict[str, Any]:
+    snap: dict[str, Any] = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    return snap

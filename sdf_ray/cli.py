@@ -1,0 +1,162 @@
+"""``sdf-ray``: train, tune, check and print configs, manage datasets, benchmark.
+
+``ray.init`` happens here and nowhere in library code. Exit codes: 0 success, 1 failure (a traceback
+means a bug), 2 a user error (one line, no traceback), 3 training diverged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sdf_ray import config as config_mod
+from sdf_ray.errors import ClusterError, UserError
+
+EXIT_OK, EXIT_FAILED, EXIT_USER, EXIT_DIVERGED = 0, 1, 2, 3
+log = logging.getLogger("sdf_ray")
+
+
+def _add_config_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("config", help="training config YAML")
+    else:
+        p.add_argument("--config", required=True, help="training config YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (YAML-parsed), repeatable")
+
+
+def _load(args: argparse.Namespace) -> config_mod.TrainConfig:
+    return config_mod.load(args.config, args.overrides)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    print(f"{args.config}: OK ({cfg.scaling.num_workers} worker(s), {cfg.optim.num_epochs} epochs, "
+          f"run name {cfg.checkpoint.run_name!r})")
+    return EXIT_OK
+
+
+def cmd_print_config(args: argparse.Namespace) -> int:
+    print(config_mod.to_yaml(_load(args)), end="")
+    return EXIT_OK
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> str:
+    """Connect to ``address`` / ``RAY_ADDRESS``, else start an embedded local Ray; returns a description."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():
+        return "existing Ray session"
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(),
+                                                                             os.environ.get("PYTHONPATH")]))}}
+    if address:
+        if address.startswith("http"):
+            raise ClusterError(f"--address {address}: give the Ray GCS address (host:6379 or 'auto'); "
+                               "dashboard URLs are for `ray job submit`")
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ClusterError(f"cannot connect to a Ray cluster at {address}: {first}") from None
+        return f"Ray cluster at {address}"
+    # The dashboard stays on: Ray Train's PlacementGroupCleaner polls the State API, which the dashboard
+    # serves; without it every poll logs "State API may be temporarily unavailable".
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             logging_level=logging.WARNING, runtime_env=runtime_env)
+    return "embedded local Ray"
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    checks = summary.get("replica_checksums") or []
+    same = "all equal" if checks and len(set(checks)) == 1 else "DIFFER" if checks else "n/a"
+    loss = summary.get("final_loss")
+    loss_text = f"{loss:.5f}" if isinstance(loss, float) and math.isfinite(loss) else str(loss)
+    print(f"status {summary.get('status')}: {summary.get('message', '')}\n"
+          f"  steps {summary.get('steps')}  epochs {summary.get('epochs')}  final loss {loss_text}  "
+          f"samples/s {summary.get('samples_per_s', 0):,.0f}\n"
+          f"  skipped steps {summary.get('skipped_steps')}  rollbacks {summary.get('rollbacks')}  "
+          f"restarts {summary.get('restarts')}  replica checksums {same} ({len(checks)} ranks)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sdf_ray import launch
+
+    cfg = launch.resolve_paths(_load(args))
+    num_scenes = launch.check_dataset(cfg)
+    directory, resuming = launch.prepare_run_dir(cfg, overwrite=args.overwrite)
+    from sdf_ray.train_loop import steps_per_epoch
+
+    total_steps = cfg.optim.num_epochs * steps_per_epoch(num_scenes, cfg.data.scenes_per_step)
+    previous = launch.read_summary(cfg)
+    if resuming and previous and previous.get("status") == "finished" and previous.get("steps", 0) >= total_steps:
+        print(f"run {directory} already finished ({previous['steps']} steps); raise optim.num_epochs to train "
+              f"further or pass --overwrite to start again")
+        _print_summary(previous)
+        return EXIT_OK
+    where = connect_ray(args.address)
+    launch.check_cluster_resources(cfg)
+    print(f"sdf-ray train: {cfg.scaling.num_workers} worker(s) on {where}; run directory {directory}"
+          + (" (resuming)" if resuming else ""), flush=True)
+    summary = launch.fit(cfg)
+    _print_summary(summary)
+    return {"finished": EXIT_OK, "diverged": EXIT_DIVERGED}.get(summary["status"], EXIT_FAILED)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdf-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train on a Ray cluster (embedded local Ray by default)")
+    _add_config_args(p)
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory of the same name")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("check-config", help="validate a config (exit 2 with every problem listed)")
+    _add_config_args(p, positional=True)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("print-config", help="print the resolved config as YAML")
+    _add_config_args(p, positional=True)
+    p.set_defaults(func=cmd_print_config)
+
+    from sdf_ray.data import commands as data_commands
+
+    data_commands.register(sub)
+    try:
+        from tuning import cli as tuning_cli
+    except ImportError:  # pragma: no cover - tuning ships with the package
+        tuning_cli = None
+    if tuning_cli is not None:
+        tuning_cli.register(sub)
+    try:
+        from sdf_ray import bench
+    except ImportError:  # pragma: no cover
+        bench = None  # type: ignore[assignment]
+    if bench is not None:
+        bench.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[sdf-ray] %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except UserError as exc:
+        print(f"sdf-ray: error: {exc}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("sdf-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The few collectives sdf-ray uses, behind a small protocol.
+
+``LocalCollectives`` is the single-process implementation (unit tests, 1 worker); ``TorchCollectives``
+uses the default ``torch.distributed`` process group that Ray Train sets up (NCCL on GPU, gloo on CPU).
+Every call here is a sync point between ranks: callers must make the same calls in the same order on
+every rank, whatever their local data looked like.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+
+class Collectives(Protocol):
+    rank: int
+    world_size: int
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        """In-place sum across ranks (enqueued on the device stream; no host sync)."""
+
+    def all_gather_rows(self, tensor_NX: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's tensor (row counts may differ), in rank order, on every rank."""
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable object, in rank order."""
+
+    def barrier(self) -> None: ...
+
+
+class LocalCollectives:
+    """World of one: every collective is the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        return None
+
+    def all_gather_rows(self, tensor_NX: torch.Tensor) -> list[torch.Tensor]:
+        return [tensor_NX]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def barrier(self) -> None:
+        return None
+
+
+class TorchCollectives:
+    """Collectives over the default process group."""
+
+    def __init__(self) -> None:
+        assert dist.is_available() and dist.is_initialized(), "torch.distributed is not initialised"
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def all_gather_rows(self, tensor_NX: torch.Tensor) -> list[torch.Tensor]:
+        # all_gather needs equal shapes: pad to the longest shard, then trim (shards differ by <= 1 row).
+        counts = self.all_gather_object(int(tensor_NX.shape[0]))
+        padded = torch.zeros((max(counts), *tensor_NX.shape[1:]), dtype=tensor_NX.dtype, device=tensor_NX.device)
+        padded[: tensor_NX.shape[0]] = tensor_NX
+        out = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(out, padded)
+        return [t[:n] for t, n in zip(out, counts)]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def default_collectives() -> Collectives:
+    """TorchCollectives when a process group exists, else LocalCollectives."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return TorchCollectives()
+    return LocalCollectives()

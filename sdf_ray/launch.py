@@ -1,0 +1,170 @@
+"""Config -> ``TorchTrainer``: scaling, storage, failure handling, checkpoint retention; driver-side checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sdf_ray.config import TrainConfig, from_dict, to_dict, to_yaml, yaml_load
+from sdf_ray.errors import ClusterError, ConfigError, DataError
+
+RESOLVED_CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+# Keys that may change when a stopped run is resumed (resources, cadences, debugging, length).
+RESUMABLE_CHANGES = ("scaling.", "logging.", "debug.", "checkpoint.", "optim.num_epochs")
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """Absolute local paths: Ray workers run in another working directory."""
+    data = dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).expanduser().resolve()))
+    storage = cfg.checkpoint.storage_path
+    if not is_uri(storage):
+        storage = str(Path(storage).expanduser().resolve())
+    return dataclasses.replace(cfg, data=data, checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=storage))
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.checkpoint.storage_path) / cfg.checkpoint.run_name
+
+
+def check_dataset(cfg: TrainConfig) -> int:
+    """Driver-side dataset checks before any worker starts; returns the number of scenes."""
+    from sdf_ray.data.format import read_manifest, validate_files
+
+    manifest = read_manifest(cfg.data.path)
+    validate_files(cfg.data.path)
+    if manifest.num_scenes < cfg.scaling.num_workers:
+        raise DataError(f"dataset {cfg.data.path} has {manifest.num_scenes} scenes, fewer than "
+                        f"scaling.num_workers={cfg.scaling.num_workers}: every worker needs at least one scene")
+    return int(manifest.num_scenes)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b)
+                  if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))
+
+
+def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> tuple[Path, bool]:
+    """Create or check the run directory; returns (run_dir, resuming).
+
+    A run directory holding a different config is refused unless ``overwrite`` (which deletes it).
+    """
+    directory = run_dir(cfg)
+    saved = directory / RESOLVED_CONFIG_FILE
+    if directory.exists() and overwrite:
+        shutil.rmtree(directory)
+    resuming = saved.exists()
+    if resuming:
+        try:
+            old = yaml_load(saved.read_text())
+        except Exception:  # an unreadable config means we cannot prove it is the same run
+            raise ConfigError(f"{saved} is unreadable; pass --overwrite to start the run afresh") from None
+        diffs = config_differences(old, to_dict(cfg))
+        if diffs:
+            shown = ", ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
+            raise ConfigError(f"run directory {directory} holds a run with a different config ({shown}); "
+                              f"pass --overwrite to replace it or choose another checkpoint.run_name")
+    directory.mkdir(parents=True, exist_ok=True)
+    saved.write_text(to_yaml(cfg))
+    return directory, resuming
+
+
+def read_summary(cfg: TrainConfig) -> dict[str, Any] | None:
+    path = run_dir(cfg) / SUMMARY_FILE
+    if not path.exists():
+        return None
+    result: dict[str, Any] = json.loads(path.read_text())
+    return result
+
+
+def check_cluster_resources(cfg: TrainConfig) -> None:
+    """Fail fast when the cluster can never provide the workers asked for (autoscaling clusters aside)."""
+    import ray
+
+    total = ray.cluster_resources()
+    s = cfg.scaling
+    cpus_needed = s.num_workers * s.cpus_per_worker
+    have_cpus, have_gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    exists = f"the cluster has {len(nodes)} node(s), {have_cpus:g} CPU(s), {have_gpus:g} GPU(s)"
+    if s.use_gpu and have_gpus < s.num_workers:
+        raise ClusterError(f"scaling.num_workers={s.num_workers} with use_gpu needs {s.num_workers} GPUs; {exists}")
+    if cpus_needed > have_cpus:
+        raise ClusterError(f"scaling.num_workers={s.num_workers} x cpus_per_worker={s.cpus_per_worker:g} needs "
+                           f"{cpus_needed:g} CPUs; {exists}")
+    if s.placement_strategy == "STRICT_SPREAD" and len(nodes) < s.num_workers:
+        raise ClusterError(f"placement_strategy STRICT_SPREAD needs {s.num_workers} nodes; {exists}")
+
+
+def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> Any:
+    """A ``TorchTrainer`` running ``sdf_ray.worker.train_fn_per_worker`` for ``cfg`` (paths resolved)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from sdf_ray.worker import train_fn_per_worker
+
+    s = cfg.scaling
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"train_config": to_dict(cfg), "run_dir": str(run_dir(cfg))},
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker},
+                                     placement_strategy=s.placement_strategy),
+        run_config=RunConfig(
+            name=cfg.checkpoint.run_name,
+            storage_path=cfg.checkpoint.storage_path,
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def config_from_checkpoint_dir(directory: str | Path) -> TrainConfig:
+    return from_dict(yaml_load((Path(directory) / RESOLVED_CONFIG_FILE).read_text()))
+
+
+def fit(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Run the trainer to completion; returns the run's summary (``status: failed`` if Ray gave up)."""
+    from ray.train import TrainingFailedError
+
+    from sdf_ray.worker import write_json_atomic
+
+    summary_path = run_dir(cfg) / SUMMARY_FILE
+    summary_path.unlink(missing_ok=True)
+    trainer = build_trainer(cfg, callbacks=callbacks)
+    try:
+        trainer.fit()
+    except TrainingFailedError as exc:
+        cause = exc.__cause__ or exc
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        summary = {"status": "failed", "message": f"training failed after "
+                   f"scaling.max_failures={cfg.scaling.max_failures} restart(s): {first}",
+                   "run_name": cfg.checkpoint.run_name}
+        write_json_atomic(summary_path, summary)
+        return summary
+    summary = read_summary(cfg)
+    if summary is None:  # workers ended without a summary: a bug, not a user error
+        summary = {"status": "failed", "message": "workers exited without writing summary.json",
+                   "run_name": cfg.checkpoint.run_name}
+        write_json_atomic(summary_path, summary)
+    return summary

@@ -1,0 +1,57 @@
+"""The DeepSDF decoder (Park et al. 2019), matching the reference architecture and defaults."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from sdf_ray.config import ModelConfig
+
+
+class DeepSDFDecoder(nn.Module):
+    """f(z, xyz) -> sdf. Input rows are ``[latent_L | xyz_3]``; layers in ``latent_in_layers`` see the
+    input again, concatenated to the previous layer's output (which is narrowed to keep the width)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.latent_size = cfg.latent_size
+        self.latent_in = set(cfg.latent_in_layers)
+        in_dim = cfg.latent_size + 3
+        dims = [in_dim] + [cfg.hidden_dim] * cfg.num_layers + [1]
+        self.layers = nn.ModuleList()
+        for i in range(cfg.num_layers + 1):
+            out_dim = dims[i + 1]
+            if i + 1 in self.latent_in:
+                out_dim -= in_dim
+            linear = nn.Linear(dims[i], out_dim)
+            if cfg.weight_norm and i < cfg.num_layers:
+                linear = weight_norm(linear)
+            self.layers.append(linear)
+        self.num_hidden = cfg.num_layers
+        self.relu = nn.ReLU()
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.output_tanh = cfg.output_tanh
+
+    def forward(self, input_NI: torch.Tensor) -> torch.Tensor:
+        x = input_NI
+        for i, layer in enumerate(self.layers):
+            if i in self.latent_in:
+                x = torch.cat([x, input_NI], dim=1)
+            x = layer(x)
+            if i < self.num_hidden:
+                x = self.dropout(self.relu(x))
+        if self.output_tanh:
+            x = torch.tanh(x)
+        return x.squeeze(1)
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def flops_per_sample(cfg: ModelConfig) -> int:
+    """Forward+backward matmul FLOPs per SDF sample (6 x MACs), for throughput and roofline figures."""
+    decoder = DeepSDFDecoder(cfg)
+    macs = sum(layer.in_features * layer.out_features for layer in decoder.layers)  # type: ignore[union-attr]
+    return 6 * macs

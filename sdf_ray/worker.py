@@ -1,0 +1,75 @@
+"""The only Ray Train boundary: ``train_fn_per_worker`` runs on every worker of a ``TorchTrainer``.
+
+It rebuilds the config from the dict the driver validated, resumes from Ray's latest checkpoint when
+there is one, runs the Ray-free training loop, reports metrics (all ranks, same count) and
+checkpoints (rank 0 writes them), and rank 0 writes ``summary.json`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from sdf_ray import checkpoint as ckpt
+from sdf_ray.config import from_dict, to_yaml
+from sdf_ray.dist import default_collectives
+from sdf_ray.train_loop import run_training
+
+SUMMARY_FILE = "summary.json"
+
+
+def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _setup_logging(level: str, rank: int) -> None:
+    logger = logging.getLogger("sdf_ray")
+    logger.setLevel(level if rank == 0 else "WARNING")
+    if not any(getattr(h, "_sdf_ray", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[sdf-ray] %(message)s"))
+        handler._sdf_ray = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg = from_dict(loop_config["train_config"])
+    run_dir = Path(loop_config["run_dir"])
+    rank = ray.train.get_context().get_world_rank()
+    _setup_logging(cfg.logging.level, rank)
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    coll = default_collectives()
+
+    resume_from = None
+    latest = ray.train.get_checkpoint()
+    if latest is not None:
+        with latest.as_directory() as directory:
+            resume_from = ckpt.load(directory)
+
+    def reporter(metrics: dict[str, Any], snapshot: dict[str, Any] | None) -> None:
+        if snapshot is not None and rank == 0:
+            with tempfile.TemporaryDirectory(prefix="sdf-ray-ckpt-") as tmp:
+                ckpt.save(snapshot, tmp)
+                (Path(tmp) / "config.yaml").write_text(to_yaml(cfg))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+    result = run_training(cfg, coll, device, reporter, run_dir, resume_from=resume_from)
+    if rank == 0:
+        write_json_atomic(run_dir / SUMMARY_FILE, result.as_summary(cfg))

@@ -1,0 +1,141 @@
+"""The guard's decisions with the single-process collectives (and a stub for a remote rank)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sdf_ray.config import GuardConfig, InjectConfig
+from sdf_ray.dist import LocalCollectives
+from sdf_ray.guard import Escalation, GuardCounters, vote_and_clip
+from sdf_ray.train_loop import build_state, train_step
+from tests.helpers import assert_bit_identical, fake_batch, state_tensors, tiny_config
+
+NUM_SCENES = 8
+
+
+def make_state(**overrides):
+    cfg = tiny_config(**{"scaling.num_workers": 1, **overrides})
+    return cfg, build_state(cfg, LocalCollectives(), torch.device("cpu"), NUM_SCENES)
+
+
+def test_clean_step_updates_every_parameter_group():
+    cfg, state = make_state()
+    before = state_tensors(state)
+    verdict, loss, _ = train_step(state, *fake_batch(cfg, NUM_SCENES), reg_weight=1e-4)
+    assert not verdict.bad
+    assert math.isfinite(loss.item())
+    after = state_tensors(state)
+    assert not torch.equal(before["latents"], after["latents"])
+    assert not torch.equal(before["layers.0.bias"], after["layers.0.bias"])
+    assert after["layers.0.bias/step"].item() == before["layers.0.bias/step"].item() + 1
+
+
+@pytest.mark.parametrize("site", ["loss", "grad", "latent"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_injected_non_finite_skips_step_bit_identically(site, value):
+    cfg, state = make_state()
+    train_step(state, *fake_batch(cfg, NUM_SCENES, seed=1), reg_weight=0.0)  # a real step first
+    before = state_tensors(state)
+    inj = InjectConfig(step=1, rank=0, site=site, value=value)
+    verdict, _, _ = train_step(state, *fake_batch(cfg, NUM_SCENES, seed=2), reg_weight=0.0, injections=[inj])
+    assert bool(verdict.bad)
+    assert_bit_identical(before, state_tensors(state))
+    counters = state.counters.read()
+    assert counters["skipped_steps"] == 1 and counters["consecutive_skips"] == 1 and counters["steps"] == 2
+    # and training carries on afterwards
+    verdict, _, _ = train_step(state, *fake_batch(cfg, NUM_SCENES, seed=3), reg_weight=0.0)
+    assert not verdict.bad
+    assert state.counters.read()["consecutive_skips"] == 0
+
+
+def test_skipped_first_step_is_bit_identical_too():
+    cfg, state = make_state()
+    before = state_tensors(state)
+    inj = InjectConfig(step=0, rank=0, site="latent", value="nan")
+    train_step(state, *fake_batch(cfg, NUM_SCENES), reg_weight=0.0, injections=[inj])
+    assert_bit_identical(before, state_tensors(state))
+
+
+def test_clipping_uses_global_norm_over_decoder_and_latents():
+    cfg, state = make_state(**{"guard.grad_clip": 1e-3})
+    verdict, _, _ = train_step(state, *fake_batch(cfg, NUM_SCENES), reg_weight=0.0)
+    norm = verdict.grad_norm.item()
+    assert norm > 1e-3
+    grads = [p.grad for p in state.decoder_module.parameters()] + [state.latents.codes.grad]
+    clipped = torch.sqrt(sum(g.double().square().sum() for g in grads)).item()
+    assert clipped == pytest.approx(1e-3, rel=1e-4)
+    assert state.counters.read()["clipped_steps"] == 1
+
+
+def test_grad_clip_zero_disables_clipping():
+    cfg, state = make_state(**{"guard.grad_clip": 0.0})
+    verdict, _, _ = train_step(state, *fake_batch(cfg, NUM_SCENES), reg_weight=0.0)
+    grads = [p.grad for p in state.decoder_module.parameters()] + [state.latents.codes.grad]
+    total = torch.sqrt(sum(g.double().square().sum() for g in grads)).item()
+    assert total == pytest.approx(verdict.grad_norm.item(), rel=1e-5)
+
+
+class RemoteRankVotesBad(LocalCollectives):
+    """Pretends to be rank 0 of 2 where rank 1 saw a NaN: adds rank 1's vote to every all-reduce."""
+
+    world_size = 2
+
+    def all_reduce_sum_(self, tensor):
+        tensor[1] += 1.0  # [latent_sq, vote]: rank 1 contributes a finite norm and a bad flag
+
+
+def test_a_remote_ranks_vote_skips_a_locally_clean_step():
+    ok = torch.zeros((), dtype=torch.bool)
+    verdict = vote_and_clip([torch.ones(3)], [torch.ones(2)], ok, RemoteRankVotesBad(), 1.0)
+    assert bool(verdict.bad)
+    decoder, latent = [torch.ones(3)], [torch.ones(2)]
+    verdict = vote_and_clip(decoder, latent, ok, LocalCollectives(), 1.0)
+    assert not bool(verdict.bad)
+    assert verdict.grad_norm.item() == pytest.approx(math.sqrt(5))
+    assert decoder[0][0].item() == pytest.approx(1 / math.sqrt(5), rel=1e-5)  # clipped to norm 1
+
+
+def test_train_step_makes_no_host_sync(monkeypatch):
+    cfg, state = make_state()
+    batch = fake_batch(cfg, NUM_SCENES)
+    train_step(state, *batch, reg_weight=0.0)  # warm-up outside the check
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("host sync in the training step")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(torch, "is_nonzero", forbidden)
+    inj = InjectConfig(step=0, rank=0, site="grad", value="nan")
+    train_step(state, *batch, reg_weight=1e-4, injections=[inj])
+    train_step(state, *batch, reg_weight=1e-4)
+
+
+def test_counters_track_consecutive_and_total_skips():
+    counters = GuardCounters(torch.device("cpu"))
+    from sdf_ray.guard import StepVerdict
+
+    for bad in [1, 1, 0, 1, 1, 1]:
+        counters.update_(StepVerdict(bad=torch.tensor(bool(bad)), grad_norm=torch.tensor(0.5)), grad_clip=1.0)
+    assert counters.read() == {"skipped_steps": 5, "consecutive_skips": 3, "steps": 6, "clipped_steps": 0}
+
+
+def test_escalation_rolls_back_then_declares_divergence():
+    esc = Escalation(GuardConfig(max_consecutive_skips=3, max_rollbacks=2, skip_window_steps=100))
+    assert esc.observe(10, skipped_total=1, consecutive=1) == "continue"
+    assert esc.observe(20, skipped_total=4, consecutive=3) == "rollback"
+    assert esc.observe(30, skipped_total=8, consecutive=3) == "rollback"
+    assert esc.observe(40, skipped_total=12, consecutive=4) == "diverged"
+    assert "consecutive" in esc.reason
+
+
+def test_escalation_on_skip_fraction_over_window():
+    esc = Escalation(GuardConfig(max_consecutive_skips=1000, max_skip_fraction=0.25, skip_window_steps=20,
+                                 max_rollbacks=0))
+    assert esc.observe(10, 3, 0) == "continue"
+    assert esc.observe(20, 4, 0) == "continue"  # 4 of 20 = 20 %
+    assert esc.observe(30, 9, 0) == "diverged"  # 6 of the last 20 = 30 %
+    assert "30%" in esc.reason
