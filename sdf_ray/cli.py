@@ -10,6 +10,7 @@ import argparse
 import logging
 import math
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -46,30 +47,68 @@ def cmd_print_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def connect_ray(address: str | None, num_cpus: int | None = None) -> str:
-    """Connect to ``address`` / ``RAY_ADDRESS``, else start an embedded local Ray; returns a description."""
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _probe(gcs_address: str, timeout_s: float = 3.0) -> None:
+    host, _, port = gcs_address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError):
+        raise ClusterError(f"no Ray cluster is reachable at {gcs_address} (nothing answered within "
+                           f"{timeout_s:g} s); check the address, or start one with `ray start --head`") from None
+
+
+def connect_ray(address: str | None) -> str:
+    """Connect to ``address`` / ``RAY_ADDRESS``, else start an embedded local Ray; returns a description.
+
+    Every process of the job gets ``RAY_ADDRESS`` = this cluster's GCS address. Ray Train's
+    PlacementGroupCleaner queries the State API from inside an actor with no address of its own: it
+    would otherwise guess (``/tmp/ray/ray_current_cluster``, then a process scan), fail with "multiple
+    active Ray instances" when several clusters share a machine, and flood the console with "State API
+    may be temporarily unavailable"; or find another cluster's API and clean up a live run's
+    placement group. The State API is served by the dashboard, so the embedded Ray keeps it on.
+    """
     import ray
+    from ray._private.services import canonicalize_bootstrap_address_or_die
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         return "existing Ray session"
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(),
-                                                                             os.environ.get("PYTHONPATH")]))}}
     if address:
         if address.startswith("http"):
             raise ClusterError(f"--address {address}: give the Ray GCS address (host:6379 or 'auto'); "
                                "dashboard URLs are for `ray job submit`")
         try:
-            ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+            gcs_address = canonicalize_bootstrap_address_or_die(address)
+        except ConnectionError as exc:
+            raise ClusterError(f"cannot find a Ray cluster for address {address!r}: "
+                               f"{str(exc).splitlines()[0]}") from None
+        _probe(gcs_address)
+        try:
+            ray.init(address=gcs_address, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": {"RAY_ADDRESS": gcs_address}})
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ClusterError(f"cannot connect to a Ray cluster at {address}: {first}") from None
-        return f"Ray cluster at {address}"
-    # The dashboard stays on: Ray Train's PlacementGroupCleaner polls the State API, which the dashboard
-    # serves; without it every poll logs "State API may be temporarily unavailable".
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             logging_level=logging.WARNING, runtime_env=runtime_env)
-    return "embedded local Ray"
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ClusterError(f"cannot connect to the Ray cluster at {gcs_address}: {first}") from None
+        return f"Ray cluster at {gcs_address}"
+    port = _free_port()
+    gcs_address = f"127.0.0.1:{port}"
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+                 logging_level=logging.WARNING, runtime_env={"env_vars": {"RAY_ADDRESS": gcs_address}})
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
+    return f"embedded local Ray ({gcs_address})"
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

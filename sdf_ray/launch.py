@@ -116,7 +116,7 @@ def check_cluster_resources(cfg: TrainConfig) -> None:
 
 def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> Any:
     """A ``TorchTrainer`` running ``sdf_ray.worker.train_fn_per_worker`` for ``cfg`` (paths resolved)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from sdf_ray.worker import train_fn_per_worker
@@ -135,6 +135,8 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> An
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             callbacks=callbacks,
+            # Ray Train's own INFO lines repeat every metrics dict; rank 0's progress lines say it better.
+            logging_config=LoggingConfig(log_level="INFO" if cfg.logging.level == "DEBUG" else "WARNING"),
         ),
     )
 

@@ -34,7 +34,17 @@ def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _quiet_ray_train_report_log() -> None:
+    """Ray Train V2 logs every report (the whole metrics dict) at INFO from a logger named after its
+    file path, outside the ``ray.train`` hierarchy that ``RunConfig(logging_config=...)`` controls."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def _setup_logging(level: str, rank: int) -> None:
+    if level != "DEBUG":
+        _quiet_ray_train_report_log()
     logger = logging.getLogger("sdf_ray")
     logger.setLevel(level if rank == 0 else "WARNING")
     if not any(getattr(h, "_sdf_ray", False) for h in logger.handlers):
