@@ -7,6 +7,7 @@ means a bug), 2 a user error (one line, no traceback), 3 training diverged.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import math
 import os
@@ -84,7 +85,8 @@ def connect_ray(address: str | None) -> str:
             raise ClusterError(f"--address {address}: give the Ray GCS address (host:6379 or 'auto'); "
                                "dashboard URLs are for `ray job submit`")
         try:
-            gcs_address = canonicalize_bootstrap_address_or_die(address)
+            # Only "auto" is looked up: Ray's canonicalisation would turn 127.0.0.1 into the host's IP.
+            gcs_address = canonicalize_bootstrap_address_or_die(address) if address == "auto" else address
         except ConnectionError as exc:
             raise ClusterError(f"cannot find a Ray cluster for address {address!r}: "
                                f"{str(exc).splitlines()[0]}") from None
@@ -165,21 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, positional=True)
     p.set_defaults(func=cmd_print_config)
 
-    from sdf_ray.data import commands as data_commands
-
-    data_commands.register(sub)
-    try:
-        from tuning import cli as tuning_cli
-    except ImportError:  # pragma: no cover - tuning ships with the package
-        tuning_cli = None
-    if tuning_cli is not None:
-        tuning_cli.register(sub)
-    try:
-        from sdf_ray import bench
-    except ImportError:  # pragma: no cover
-        bench = None  # type: ignore[assignment]
-    if bench is not None:
-        bench.register(sub)
+    for module in ("sdf_ray.data.commands", "tuning.cli", "sdf_ray.bench"):
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -336,7 +336,7 @@ def _validate(cfg: TrainConfig) -> list[str]:
         if not 0 < layer < m.num_layers:
             p.append(f"`model.latent_in_layers[{i}]`: must be in 1..{m.num_layers - 1}, got {layer}")
         elif m.hidden_dim <= m.latent_size + 3:
-            p.append(f"`model.hidden_dim`: must exceed latent_size + 3 when latent_in_layers is used")
+            p.append("`model.hidden_dim`: must exceed latent_size + 3 when latent_in_layers is used")
     if not 0 <= m.dropout < 1:
         p.append(f"`model.dropout`: must be in [0, 1), got {m.dropout!r}")
     if not d.path:

@@ -129,7 +129,7 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> An
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker},
                                      placement_strategy=s.placement_strategy),
-        run_config=RunConfig(
+        run_config=RunConfig(  # type: ignore[call-arg]  # Train V2's RunConfig takes logging_config
             name=cfg.checkpoint.run_name,
             storage_path=cfg.checkpoint.storage_path,
             failure_config=FailureConfig(max_failures=s.max_failures),
@@ -159,11 +159,11 @@ def fit(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> dict[str, An
     except TrainingFailedError as exc:
         cause = exc.__cause__ or exc
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        summary = {"status": "failed", "message": f"training failed after "
+        failed: dict[str, Any] = {"status": "failed", "message": f"training failed after "
                    f"scaling.max_failures={cfg.scaling.max_failures} restart(s): {first}",
                    "run_name": cfg.checkpoint.run_name}
-        write_json_atomic(summary_path, summary)
-        return summary
+        write_json_atomic(summary_path, failed)
+        return failed
     summary = read_summary(cfg)
     if summary is None:  # workers ended without a summary: a bug, not a user error
         summary = {"status": "failed", "message": "workers exited without writing summary.json",

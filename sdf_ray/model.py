@@ -53,5 +53,5 @@ def num_parameters(module: nn.Module) -> int:
 def flops_per_sample(cfg: ModelConfig) -> int:
     """Forward+backward matmul FLOPs per SDF sample (6 x MACs), for throughput and roofline figures."""
     decoder = DeepSDFDecoder(cfg)
-    macs = sum(layer.in_features * layer.out_features for layer in decoder.layers)  # type: ignore[union-attr]
+    macs = sum(m.in_features * m.out_features for m in decoder.modules() if isinstance(m, nn.Linear))
     return 6 * macs

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,8 +134,8 @@ def _inject_value(inj: InjectConfig) -> float:
 
 
 def train_step(state: TrainState, scene_idx_B: torch.Tensor, xyz_N3: torch.Tensor, sdf_N: torch.Tensor,
-               reg_weight: float, injections: list[InjectConfig] = ()) -> tuple[StepVerdict, torch.Tensor,
-                                                                                 torch.Tensor]:
+               reg_weight: float, injections: Sequence[InjectConfig] = (),
+               ) -> tuple[StepVerdict, torch.Tensor, torch.Tensor]:
     """One guarded optimizer step. Returns (verdict, loss, l1) as device tensors; no host sync."""
     cfg, coll = state.cfg, state.coll
     num_scenes_B = scene_idx_B.shape[0]

@@ -576,23 +576,23 @@ def write_dataset(out_dir: str | Path, scenes: Iterable[SceneSamples], source: d
 
 def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     _check_target(out, overwrite)  # again: something may have appeared while we were writing
+    old: Path | None = None
     if out.exists():
-        has_manifest, empty = _is_dataset_or_empty(out)
-        if empty:
+        if _is_dataset_or_empty(out)[1]:
             out.rmdir()
         else:
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             if old.exists():
                 shutil.rmtree(old)
             os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-            return
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     try:
         _fsync_path(out.parent)
     except OSError:

@@ -1,0 +1,231 @@
+"""``sdf-ray bench``: time the real training step side by side with the guard off and a reference-style step.
+
+All variants run in one process on the same device and the same synthetic scenes (generated in memory:
+no files), alternating in rounds so that clock or thermal drift hits every variant alike. Reported per
+variant: samples/s, model TFLOP/s (6 x MACs per sample), milliseconds per step, peak device memory, and
+ratios against the guarded step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdf_ray import config as config_mod
+from sdf_ray.config import TrainConfig
+from sdf_ray.data.format import PackedScenes
+from sdf_ray.data.sampler import SceneSampler
+from sdf_ray.dist import LocalCollectives
+from sdf_ray.errors import UserError
+from sdf_ray.loss import sdf_loss
+from sdf_ray.model import DeepSDFDecoder, flops_per_sample
+from sdf_ray.train_loop import build_state, configure_precision, train_step
+
+
+def synthetic_scenes(num_scenes: int, samples_per_scene: int, seed: int = 0) -> PackedScenes:
+    """Random points with a sphere SDF per scene, packed like a loaded shard (half positive)."""
+    rng = np.random.default_rng(seed)
+    n = max(samples_per_scene, 2)
+    xyz = rng.uniform(-1, 1, size=(num_scenes, n, 3)).astype(np.float32)
+    radius = rng.uniform(0.3, 0.7, size=(num_scenes, 1)).astype(np.float32)
+    sdf = np.linalg.norm(xyz, axis=2) - radius
+    order = np.argsort(-sdf, axis=1)  # positives first
+    xyz = np.take_along_axis(xyz, order[..., None], axis=1)
+    sdf = np.take_along_axis(sdf, order, axis=1)
+    num_pos = (sdf > 0).sum(axis=1)
+    num_pos = np.clip(num_pos, 1, n - 1)
+    samples = np.concatenate([xyz, sdf[..., None]], axis=2).reshape(-1, 4)
+    offsets = np.arange(num_scenes, dtype=np.int64) * n
+    return PackedScenes(samples_M4=samples, pos_offset=offsets, pos_count=num_pos.astype(np.int64),
+                        neg_offset=offsets + num_pos, neg_count=(n - num_pos).astype(np.int64),
+                        scene_ids=np.arange(num_scenes, dtype=np.int64))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def guarded_step_fn(cfg: TrainConfig, device: torch.device, packed: PackedScenes) -> Callable[[int], None]:
+    """The production step (``train_step`` with the config's guard settings) fed by the device sampler."""
+    state = build_state(cfg, LocalCollectives(), device, packed.num_scenes)
+    sampler = SceneSampler(packed, scenes_per_step=cfg.data.scenes_per_step,
+                           samples_per_scene=cfg.data.samples_per_scene, steps_per_epoch=state.steps_per_epoch,
+                           seed=0, rank=0, device=device)
+
+    def step(i: int) -> None:
+        train_step(state, *sampler.batch(i), reg_weight=cfg.loss.code_reg_lambda)
+
+    return step
+
+
+def reference_step_fn(cfg: TrainConfig, device: torch.device, packed: PackedScenes) -> Callable[[int], None]:
+    """Like the original single-GPU trainer: fp32 eager, codes in a CPU embedding gathered on the host and
+    copied over, samples drawn on the host, ``.item()`` NaN check and ``clip_grad_norm_`` every step."""
+    decoder = DeepSDFDecoder(cfg.model).to(device)
+    codes = torch.nn.Embedding(packed.num_scenes, cfg.model.latent_size, max_norm=1.0)
+    opt = torch.optim.Adam([{"params": decoder.parameters(), "lr": cfg.optim.decoder_lr},
+                            {"params": codes.parameters(), "lr": cfg.optim.latent_lr}])
+    samples = torch.from_numpy(packed.samples_M4)
+    pos_off, pos_cnt = torch.from_numpy(packed.pos_offset), torch.from_numpy(packed.pos_count)
+    neg_off, neg_cnt = torch.from_numpy(packed.neg_offset), torch.from_numpy(packed.neg_count)
+    b, s = cfg.data.scenes_per_step, cfg.data.samples_per_scene
+    gen = torch.Generator().manual_seed(0)
+
+    def step(i: int) -> None:
+        scenes = torch.randint(0, packed.num_scenes, (b,), generator=gen)
+        half = s // 2
+        pos = pos_off[scenes, None] + (torch.rand(b, half, generator=gen) * pos_cnt[scenes, None]).long()
+        neg = neg_off[scenes, None] + (torch.rand(b, half, generator=gen) * neg_cnt[scenes, None]).long()
+        batch = samples[torch.cat([pos, neg], 1).reshape(-1)].to(device)
+        latent_bl = codes(scenes)  # on the host, as the original trainer did
+        latent_nl = latent_bl.repeat_interleave(s, 0).to(device)
+        opt.zero_grad()
+        pred = decoder(torch.cat([latent_nl, batch[:, :3]], 1))
+        loss, _ = sdf_loss(pred, batch[:, 3], latent_bl.to(device), cfg.loss, cfg.loss.code_reg_lambda)
+        if torch.isnan(loss).item() or torch.isinf(loss).item():  # the per-step host sync
+            return
+        loss.backward()
+        if cfg.guard.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.guard.grad_clip)
+            torch.nn.utils.clip_grad_norm_(codes.parameters(), cfg.guard.grad_clip)
+        opt.step()
+
+    return step
+
+
+@dataclasses.dataclass
+class Timing:
+    name: str
+    seconds: list[float]
+    steps_per_round: int
+    samples_per_step: int
+    flops_per_sample: int
+    peak_bytes: int = 0
+
+    @property
+    def step_s(self) -> float:
+        return float(np.median(self.seconds)) / self.steps_per_round
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples_per_step / self.step_s
+
+    @property
+    def tflops(self) -> float:
+        return self.samples_per_s * self.flops_per_sample / 1e12
+
+
+def time_variants(variants: dict[str, Callable[[int], None]], device: torch.device, *, steps: int, warmup: int,
+                  rounds: int, samples_per_step: int, flops: int) -> list[Timing]:
+    timings = {name: Timing(name, [], steps, samples_per_step, flops) for name in variants}
+    for name, fn in variants.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for i in range(warmup):
+            fn(i)
+        _sync(device)
+        if device.type == "cuda":
+            timings[name].peak_bytes = torch.cuda.max_memory_allocated(device)
+    for r in range(rounds):
+        for name, fn in variants.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                fn(warmup + r * steps + i)
+            _sync(device)
+            timings[name].seconds.append(time.perf_counter() - t0)
+    return list(timings.values())
+
+
+def format_table(timings: list[Timing], baseline: str) -> str:
+    base = next(t for t in timings if t.name == baseline)
+    lines = [f"{'variant':<40} {'samples/s':>12} {'TFLOP/s':>8} {'ms/step':>8} {'vs guarded':>10} {'peak MiB':>9}"]
+    for t in timings:
+        lines.append(f"{t.name:<40} {t.samples_per_s:>12,.0f} {t.tflops:>8.2f} {1000 * t.step_s:>8.2f} "
+                     f"{t.samples_per_s / base.samples_per_s:>10.3f} {t.peak_bytes / 2**20:>9.0f}")
+    return "\n".join(lines)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    return torch.device(name)
+
+
+def run_bench(cfg: TrainConfig, device: torch.device, *, num_scenes: int, steps: int, warmup: int, rounds: int,
+              reference: bool = True) -> list[Timing]:
+    configure_precision(cfg)
+    packed = synthetic_scenes(num_scenes, max(cfg.data.samples_per_scene, 64))
+    no_guard = config_mod.replace(cfg, "guard.enabled", False)
+    variants: dict[str, Callable[[int], None]] = {
+        "guarded (sdf-ray step)": guarded_step_fn(cfg, device, packed),
+        "guard off": guarded_step_fn(no_guard, device, packed),
+    }
+    if reference:
+        ref_cfg = config_mod.replace(config_mod.replace(cfg, "optim.precision", "fp32"), "model.compile", False)
+        variants["reference (fp32, .item(), host codes)"] = reference_step_fn(ref_cfg, device, packed)
+    samples_per_step = cfg.data.scenes_per_step * cfg.data.samples_per_scene
+    return time_variants(variants, device, steps=steps, warmup=warmup, rounds=rounds,
+                         samples_per_step=samples_per_step, flops=flops_per_sample(cfg.model))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config, args.overrides)
+    for name in ("num_scenes", "steps", "rounds"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    device = _device(args.device)
+    print(f"sdf-ray bench: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+          f"precision {cfg.optim.precision}, compile {cfg.model.compile}, "
+          f"{cfg.data.scenes_per_step} scenes x {cfg.data.samples_per_scene} samples/step, "
+          f"{args.num_scenes} scenes, {flops_per_sample(cfg.model) / 1e6:.2f} MFLOP/sample", flush=True)
+    timings = run_bench(cfg, device, num_scenes=args.num_scenes, steps=args.steps, warmup=args.warmup,
+                        rounds=args.rounds)
+    print(format_table(timings, "guarded (sdf-ray step)"))
+    guarded, off = timings[0], timings[1]
+    overhead = off.samples_per_s / guarded.samples_per_s - 1
+    print(f"guard overhead: {100 * overhead:+.2f} % (guard off / guarded - 1)")
+    if args.sweep:
+        print("\nsweep (guarded step): cost against work per step and number of scenes")
+        print(f"{'scenes/step':>11} {'samples/scene':>13} {'num scenes':>10} {'samples/s':>12} {'ms/step':>8}")
+        sps = cfg.data.samples_per_scene
+        for samples_per_scene in sorted({max(2, sps // 4), sps, sps * 4}):
+            for num_scenes in args.sweep_scenes:
+                c = config_mod.replace(cfg, "data.samples_per_scene", samples_per_scene)
+                t = run_bench(c, device, num_scenes=num_scenes, steps=args.steps, warmup=args.warmup,
+                              rounds=args.rounds, reference=False)[0]
+                print(f"{c.data.scenes_per_step:>11} {samples_per_scene:>13} {num_scenes:>10} "
+                      f"{t.samples_per_s:>12,.0f} {1000 * t.step_s:>8.2f}", flush=True)
+    return 0
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "bench", help="time the guarded training step against guard-off and a reference-style step")
+    p.add_argument("--config", required=True, help="training config YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--num-scenes", type=int, default=1000, help="scenes held on the device (default 1000)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; the median round is reported")
+    p.add_argument("--sweep", action="store_true", help="also vary samples per scene and the number of scenes")
+    p.add_argument("--sweep-scenes", type=int, nargs="+", default=[1000, 100_000], metavar="N")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def _positive(name: str, value: int) -> None:
+    if value <= 0 or not math.isfinite(value):
+        raise UserError(f"{name} must be a positive integer, got {value}")

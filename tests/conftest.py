@@ -1,0 +1,35 @@
+"""Shared fixtures: one embedded Ray per test module that needs it, generated datasets."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    """An embedded local Ray (2 CPUs, 127.0.0.1 only) shared by a test module, shut down after it."""
+    import ray
+
+    from sdf_ray.cli import connect_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    connect_ray(None)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdf_ray.data.synth import synth_dataset
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    synth_dataset(out, num_scenes=8, samples_per_scene=512, seed=0)
+    return out

@@ -1,0 +1,89 @@
+"""The production worker under TorchTrainer (2 CPU workers, gloo): NaN survived, escalation, recovery."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sdf_ray.cli import EXIT_DIVERGED, main
+from sdf_ray.config import packaged_config
+from sdf_ray.metrics_log import read_metrics
+
+pytestmark = pytest.mark.ray
+
+TINY = str(packaged_config("tiny"))
+
+
+def train(tmp_path, dataset, name, *sets, extra=()):
+    args = ["train", "--config", TINY, "--set", f"data.path={dataset}",
+            "--set", f"checkpoint.storage_path={tmp_path}", "--set", f"checkpoint.run_name={name}"]
+    for s in sets:
+        args += ["--set", s]
+    code = main(args + list(extra))
+    summary_path = tmp_path / name / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    return code, summary
+
+
+def test_nan_on_one_rank_at_each_site_is_skipped_by_every_rank(ray_session, tiny_dataset, tmp_path):
+    inject = "[{step: 1, rank: 1, site: loss}, {step: 3, rank: 0, site: grad, value: inf}, {step: 6, rank: 1, site: latent}]"
+    code, summary = train(tmp_path, tiny_dataset, "nan", f"debug.inject={inject}", "logging.every_n_steps=1")
+    assert code == 0
+    assert summary["status"] == "finished" and summary["steps"] == 8
+    assert summary["skipped_steps"] == 3 and summary["rollbacks"] == 0
+    checksums = summary["replica_checksums"]
+    assert len(checksums) == 2 and len(set(checksums)) == 1
+    metrics = read_metrics(tmp_path / "nan")
+    skipped_at = [m["train/step"] - 1 for m in metrics if m["guard/interval_skipped_steps"]]
+    assert skipped_at == [1, 3, 6]
+    # Skipped steps are never averaged in: an interval of only skipped steps reports inf, never NaN.
+    assert all(m["train/loss"] < 1 for m in metrics if not m["guard/interval_skipped_steps"])
+    assert all(m["train/loss"] == math.inf for m in metrics if m["guard/interval_skipped_steps"])
+    assert (tmp_path / "nan" / "config.yaml").exists()
+
+
+def test_nan_every_step_escalates_to_rollback_then_diverged(ray_session, tiny_dataset, tmp_path):
+    code, summary = train(tmp_path, tiny_dataset, "div", "debug.inject=[{step: 0, rank: 1, site: loss, value: inf}]",
+                          "debug.inject_every_step_from=2", "logging.every_n_steps=1",
+                          "guard.max_consecutive_skips=2", "guard.max_rollbacks=1")
+    assert code == EXIT_DIVERGED
+    assert summary["status"] == "diverged"
+    assert summary["rollbacks"] == 1
+    assert "consecutive" in summary["message"]
+    assert len(set(summary["replica_checksums"])) == 1
+    metrics = read_metrics(tmp_path / "div")
+    assert metrics[-1]["diverged"] == 1
+    assert any(m["guard/rollbacks"] == 1 for m in metrics)
+
+
+def test_a_crashed_worker_resumes_from_the_latest_checkpoint(ray_session, tiny_dataset, tmp_path):
+    code, summary = train(tmp_path, tiny_dataset, "crash", "debug.crash={step: 5, rank: 1}",
+                          "scaling.max_failures=1")
+    assert code == 0
+    assert summary["status"] == "finished"
+    assert summary["steps"] == 8 and summary["restarts"] == 1
+    assert len(set(summary["replica_checksums"])) == 1
+    assert (tmp_path / "crash" / ".crash-injected").exists()
+    metrics = read_metrics(tmp_path / "crash")
+    assert metrics[-1]["train/step"] == 8 and metrics[-1]["restarts"] == 1
+    # Ray commits checkpoints asynchronously, so the restart resumes from step 4's or an earlier one;
+    # the replayed steps must reproduce the first attempt exactly (model, optimizer, data stream, RNG).
+    first_loss: dict[int, float] = {}
+    for m in metrics:
+        assert first_loss.setdefault(m["train/step"], m["train/loss"]) == m["train/loss"]
+    # Re-running the same command finds the finished run instead of training again.
+    code, again = train(tmp_path, tiny_dataset, "crash", "debug.crash={step: 5, rank: 1}", "scaling.max_failures=1")
+    assert code == 0 and again == summary
+
+
+def test_resume_refuses_a_different_config_and_too_many_workers(ray_session, tiny_dataset, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("optim: {decoder_lr: 0.5}\n")
+    code, _ = train(tmp_path, tiny_dataset, "run")
+    assert code == 2
+    assert "different config" in capsys.readouterr().err
+    code, _ = train(tmp_path, tiny_dataset, "big", "scaling.num_workers=4")
+    err = capsys.readouterr().err
+    assert code == 2 and "needs 4 CPUs" in err and "the cluster has 1 node(s), 2 CPU(s)" in err
