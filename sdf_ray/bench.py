@@ -28,6 +28,10 @@ from sdf_ray.loss import sdf_loss
 from sdf_ray.model import DeepSDFDecoder, flops_per_sample
 from sdf_ray.train_loop import build_state, configure_precision, train_step
 
+# Points held per synthetic scene. The sampler draws with replacement, so a step costs the same whatever
+# this is; keeping it small lets the bench hold 100,000 scenes (the 1k-vs-100k comparison) in memory.
+STORED_SAMPLES_PER_SCENE = 512
+
 
 def synthetic_scenes(num_scenes: int, samples_per_scene: int, seed: int = 0) -> PackedScenes:
     """Random points with a sphere SDF per scene, packed like a loaded shard (half positive)."""
@@ -53,17 +57,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def guarded_step_fn(cfg: TrainConfig, device: torch.device, packed: PackedScenes) -> Callable[[int], None]:
+def guarded_step_fn(cfg: TrainConfig, device: torch.device, packed: PackedScenes) -> Callable[[int], torch.Tensor]:
     """The production step (``train_step`` with the config's guard settings) fed by the device sampler."""
     state = build_state(cfg, LocalCollectives(), device, packed.num_scenes)
     sampler = SceneSampler(packed, scenes_per_step=cfg.data.scenes_per_step,
                            samples_per_scene=cfg.data.samples_per_scene, steps_per_epoch=state.steps_per_epoch,
                            seed=0, rank=0, device=device)
 
-    def step(i: int) -> None:
-        train_step(state, *sampler.batch(i), reg_weight=cfg.loss.code_reg_lambda)
+    def step(i: int) -> torch.Tensor:
+        _, _, l1 = train_step(state, *sampler.batch(i), reg_weight=cfg.loss.code_reg_lambda)
+        return l1
 
     return step
+
+
+def precision_check(cfg: TrainConfig, device: torch.device, *, steps: int, num_scenes: int = 64,
+                    tail: int = 20) -> dict[str, float]:
+    """Train fp32 eager and ``cfg``'s precision/compile from the same init on the same batches; return the
+    mean L1 over the last ``tail`` steps of each, and their relative difference."""
+    packed = synthetic_scenes(num_scenes, STORED_SAMPLES_PER_SCENE)
+    reference = config_mod.replace(config_mod.replace(cfg, "optim.precision", "fp32"), "model.compile", False)
+    fast_name = cfg.optim.precision + ("+compile" if cfg.model.compile else "")
+    result: dict[str, float] = {}
+    for name, c in (("fp32", reference), (fast_name, cfg)):
+        configure_precision(c)
+        step = guarded_step_fn(c, device, packed)
+        losses = torch.stack([step(i).detach() for i in range(steps)])
+        result[name] = float(losses[-tail:].mean())
+    result["relative_difference"] = abs(result[fast_name] - result["fp32"]) / result["fp32"]
+    return result
 
 
 def reference_step_fn(cfg: TrainConfig, device: torch.device, packed: PackedScenes) -> Callable[[int], None]:
@@ -123,7 +145,7 @@ class Timing:
         return self.samples_per_s * self.flops_per_sample / 1e12
 
 
-def time_variants(variants: dict[str, Callable[[int], None]], device: torch.device, *, steps: int, warmup: int,
+def time_variants(variants: dict[str, Callable[[int], Any]], device: torch.device, *, steps: int, warmup: int,
                   rounds: int, samples_per_step: int, flops: int) -> list[Timing]:
     timings = {name: Timing(name, [], steps, samples_per_step, flops) for name in variants}
     for name, fn in variants.items():
@@ -165,9 +187,9 @@ def _device(name: str) -> torch.device:
 def run_bench(cfg: TrainConfig, device: torch.device, *, num_scenes: int, steps: int, warmup: int, rounds: int,
               reference: bool = True) -> list[Timing]:
     configure_precision(cfg)
-    packed = synthetic_scenes(num_scenes, max(cfg.data.samples_per_scene, 64))
+    packed = synthetic_scenes(num_scenes, STORED_SAMPLES_PER_SCENE)
     no_guard = config_mod.replace(cfg, "guard.enabled", False)
-    variants: dict[str, Callable[[int], None]] = {
+    variants: dict[str, Callable[[int], Any]] = {
         "guarded (sdf-ray step)": guarded_step_fn(cfg, device, packed),
         "guard off": guarded_step_fn(no_guard, device, packed),
     }
@@ -186,6 +208,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
     device = _device(args.device)
+    if args.precision_check:
+        result = precision_check(cfg, device, steps=args.precision_check)
+        print("precision check, mean L1 of the last 20 of", args.precision_check, "steps on the same batches: "
+              + ", ".join(f"{k} {v:.5g}" for k, v in result.items()))
+        return 0
     print(f"sdf-ray bench: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"precision {cfg.optim.precision}, compile {cfg.model.compile}, "
           f"{cfg.data.scenes_per_step} scenes x {cfg.data.samples_per_scene} samples/step, "
@@ -200,7 +227,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("\nsweep (guarded step): cost against work per step and number of scenes")
         print(f"{'scenes/step':>11} {'samples/scene':>13} {'num scenes':>10} {'samples/s':>12} {'ms/step':>8}")
         sps = cfg.data.samples_per_scene
-        for samples_per_scene in sorted({max(2, sps // 4), sps, sps * 4}):
+        for samples_per_scene in args.sweep_samples or sorted({max(2, sps // 4), sps, sps * 4}):
             for num_scenes in args.sweep_scenes:
                 c = config_mod.replace(cfg, "data.samples_per_scene", samples_per_scene)
                 t = run_bench(c, device, num_scenes=num_scenes, steps=args.steps, warmup=args.warmup,
@@ -222,6 +249,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="rounds; the median round is reported")
     p.add_argument("--sweep", action="store_true", help="also vary samples per scene and the number of scenes")
     p.add_argument("--sweep-scenes", type=int, nargs="+", default=[1000, 100_000], metavar="N")
+    p.add_argument("--sweep-samples", type=int, nargs="+", default=None, metavar="S",
+                   help="samples per scene to sweep (default: a quarter, 1x and 4x the config's)")
+    p.add_argument("--precision-check", type=int, default=0, metavar="STEPS",
+                   help="instead of timing: train fp32 and the config's precision/compile for STEPS steps on the "
+                        "same batches and compare their final loss")
     p.set_defaults(func=cmd_bench)
     return p
 

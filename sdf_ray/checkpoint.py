@@ -49,7 +49,6 @@ def take_snapshot(state: TrainState) -> dict[str, Any]:
         "step": state.step,
         "data_offset": state.data_offset,
         "rollbacks": state.escalation.rollbacks,
-        "restarts": state.restarts,
         "guard_counters": state.counters.state(),
         "elapsed_s": state.elapsed_s,
         "decoder": {k: _cpu(v) for k, v in state.decoder_module.state_dict().items()},

@@ -98,12 +98,16 @@ def connect_ray(address: str | None) -> str:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ClusterError(f"cannot connect to the Ray cluster at {gcs_address}: {first}") from None
         return f"Ray cluster at {gcs_address}"
+    missing = ray._private.utils.get_dashboard_dependency_error()
+    if missing:
+        log.warning("Ray's dashboard packages are missing (%s): install 'ray[default]'. Without the dashboard "
+                    "there is no State API, and Ray Train's placement-group cleaner will log warnings.", missing)
     port = _free_port()
     gcs_address = f"127.0.0.1:{port}"
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     try:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=not missing, dashboard_host="127.0.0.1",
                  logging_level=logging.WARNING, runtime_env={"env_vars": {"RAY_ADDRESS": gcs_address}})
     finally:
         if previous is None:
@@ -142,6 +146,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_OK
     where = connect_ray(args.address)
     launch.check_cluster_resources(cfg)
+    import ray
+
+    warning = launch.storage_warning(cfg, len([n for n in ray.nodes() if n.get("Alive")]))
+    if warning:
+        log.warning("warning: %s", warning)
     print(f"sdf-ray train: {cfg.scaling.num_workers} worker(s) on {where}; run directory {directory}"
           + (" (resuming)" if resuming else ""), flush=True)
     summary = launch.fit(cfg)

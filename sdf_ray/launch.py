@@ -114,6 +114,16 @@ def check_cluster_resources(cfg: TrainConfig) -> None:
         raise ClusterError(f"placement_strategy STRICT_SPREAD needs {s.num_workers} nodes; {exists}")
 
 
+def storage_warning(cfg: TrainConfig, num_nodes: int) -> str | None:
+    """A warning when a multi-node cluster would write checkpoints to a path that may not be shared."""
+    storage = cfg.checkpoint.storage_path
+    if num_nodes <= 1 or is_uri(storage):
+        return None
+    return (f"checkpoint.storage_path {storage} is a local path and the cluster has {num_nodes} nodes: unless it is "
+            f"shared storage (NFS) mounted at the same path on every node, checkpoints will not be shared and a "
+            f"restarted worker group cannot resume (set checkpoint.storage_path to a shared mount or an s3:// URI)")
+
+
 def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> Any:
     """A ``TorchTrainer`` running ``sdf_ray.worker.train_fn_per_worker`` for ``cfg`` (paths resolved)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -149,10 +159,11 @@ def fit(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> dict[str, An
     """Run the trainer to completion; returns the run's summary (``status: failed`` if Ray gave up)."""
     from ray.train import TrainingFailedError
 
-    from sdf_ray.worker import write_json_atomic
+    from sdf_ray.worker import WORKER_GROUP_STARTS_FILE, write_json_atomic
 
     summary_path = run_dir(cfg) / SUMMARY_FILE
     summary_path.unlink(missing_ok=True)
+    (run_dir(cfg) / WORKER_GROUP_STARTS_FILE).unlink(missing_ok=True)  # restarts are counted per fit()
     trainer = build_trainer(cfg, callbacks=callbacks)
     try:
         trainer.fit()

@@ -301,18 +301,21 @@ class RunResult:
 
 
 def run_training(cfg: TrainConfig, coll: Collectives, device: torch.device, reporter: Reporter,
-                 run_dir: str | Path, resume_from: dict[str, Any] | None = None,
+                 run_dir: str | Path, resume_from: dict[str, Any] | None = None, restarts: int = 0,
                  on_rank0_line: Callable[[str], None] = log.info) -> RunResult:
-    """Train to ``optim.num_epochs`` (or divergence). Every rank calls this with the same config."""
+    """Train to ``optim.num_epochs`` (or divergence). Every rank calls this with the same config.
+
+    ``restarts``: how many times the worker group was restarted before this attempt (for reporting).
+    """
     configure_precision(cfg)
     rank, world = coll.rank, coll.world_size
     num_scenes, packed = load_shard(cfg, rank, world)
     state = build_state(cfg, coll, device, num_scenes)
     if resume_from is not None:
         ckpt.restore_snapshot(state, resume_from)
-        state.restarts = int(resume_from["restarts"]) + 1
         state.escalation.rollbacks = int(resume_from["rollbacks"])
         state.counters.load(resume_from["guard_counters"])
+    state.restarts = restarts
     sampler = SceneSampler(packed, scenes_per_step=cfg.data.scenes_per_step // world,
                            samples_per_scene=cfg.data.samples_per_scene, steps_per_epoch=state.steps_per_epoch,
                            seed=cfg.data.seed, rank=rank, device=device)

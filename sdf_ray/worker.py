@@ -25,6 +25,7 @@ from sdf_ray.dist import default_collectives
 from sdf_ray.train_loop import run_training
 
 SUMMARY_FILE = "summary.json"
+WORKER_GROUP_STARTS_FILE = ".worker-group-starts"
 
 
 def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
@@ -32,6 +33,14 @@ def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def count_worker_group_start(run_dir: Path) -> int:
+    """Rank 0 counts worker-group starts in this ``fit()`` (the driver resets the file); returns restarts."""
+    path = run_dir / WORKER_GROUP_STARTS_FILE
+    starts = int(path.read_text() or 0) + 1 if path.exists() else 1
+    path.write_text(str(starts))
+    return starts - 1
 
 
 def _quiet_ray_train_report_log() -> None:
@@ -80,6 +89,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
 
-    result = run_training(cfg, coll, device, reporter, run_dir, resume_from=resume_from)
+    result = run_training(cfg, coll, device, reporter, run_dir, resume_from=resume_from,
+                          restarts=count_worker_group_start(run_dir) if rank == 0 else 0)
     if rank == 0:
         write_json_atomic(run_dir / SUMMARY_FILE, result.as_summary(cfg))

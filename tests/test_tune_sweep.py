@@ -1,0 +1,113 @@
+"""A real CPU sweep on an embedded Ray: diverging trials are pruned at once, the best config trains as is."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import pytest
+
+from sdf_ray import config as C
+from sdf_ray.cli import main
+from tuning import search
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+NAME = "tiny-sweep"
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    from sdf_ray.cli import connect_ray
+
+    started_here = not ray.is_initialized()
+    connect_ray(None)
+    yield ray
+    if started_here:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from sdf_ray.data.synth import synth_dataset
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    synth_dataset(out, num_scenes=8, samples_per_scene=512, seed=0)
+    return out
+
+
+def tune_args(dataset, storage, *extra):
+    sets = {
+        "data.path": str(dataset), "checkpoint.storage_path": str(storage), "scaling.num_workers": 1,
+        "optim.num_epochs": 10,        # 2 steps per epoch: 20 steps, a report every 2 (10 reports)
+        "debug.inject": "[{step: 1000000, rank: 0, site: loss, value: nan}]",
+    }
+    args = ["tune", "--config", str(C.packaged_config("tiny")), "--search", str(search.packaged_search("tiny")),
+            "--name", NAME]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    return args + list(extra)
+
+
+def test_sweep_prunes_diverging_trials_and_writes_a_best_config_that_trains(ray_session, dataset, tmp_path,
+                                                                              capsys):
+    storage = tmp_path / "runs"
+    started = time.perf_counter()
+    assert main(tune_args(dataset, storage)) == 0
+    sweep_s = time.perf_counter() - started
+    out = capsys.readouterr().out
+    print(out[-3000:])
+    print(f"sweep took {sweep_s:.1f} s")
+
+    directory = storage / NAME
+    with open(directory / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    diverging = [r for r in rows if r["debug.inject_every_step_from"] == "2"]
+    healthy = [r for r in rows if r["debug.inject_every_step_from"] == "-1"]
+    assert len(diverging) == len(healthy) == 2
+    for row in diverging:
+        assert row["status"] == "pruned_diverged", row
+        assert int(row["iterations"]) <= 2, row  # the first interval with injected steps is the last report
+        assert row["reason"]
+    for row in healthy:
+        assert row["status"] in ("finished", "pruned_asha"), row
+        assert float(row["best_train/loss"]) > 0
+    assert any(r["status"] == "finished" for r in healthy)
+    assert "best trial" in out and "pruned_diverged" in out
+
+    summary = json.loads((directory / "tune_summary.json").read_text())
+    assert summary["num_trials"] == 4 and summary["status_counts"]["pruned_diverged"] == 2
+    assert summary["best_trial_id"] in {r["trial_id"] for r in healthy}
+    assert summary["best_params"]["debug.inject_every_step_from"] == -1
+
+    best_path = directory / "best_config.yaml"
+    best = C.load(best_path)
+    assert best.checkpoint.run_name == f"{NAME}-best" and best.debug == C.DebugConfig()
+    assert best.optim.decoder_lr == summary["best_params"]["optim.decoder_lr"]
+
+    # Re-running the same command finds the finished sweep and rewrites the same outcome without training.
+    started = time.perf_counter()
+    assert main(tune_args(dataset, storage)) == 0
+    assert json.loads((directory / "tune_summary.json").read_text())["best_trial_id"] == summary["best_trial_id"]
+    assert "resuming" in capsys.readouterr().out
+    assert time.perf_counter() - started < 30
+
+    # The best config trains as is (same Ray session: connect_ray returns early).
+    assert main(["train", "--config", str(best_path)]) == 0
+    finished = json.loads((storage / f"{NAME}-best" / "summary.json").read_text())
+    assert finished["status"] == "finished" and finished["steps"] == 20
+
+
+def test_resuming_a_different_sweep_is_refused(ray_session, dataset, tmp_path, capsys):
+    storage = tmp_path / "runs"
+    directory = storage / NAME
+    directory.mkdir(parents=True)
+    # A sweep whose experiment state exists but whose config differs: fake the record, keep Tune's state.
+    (directory / "sweep.yaml").write_text("config: {}\nsearch: {}\n")
+    (directory / "tuner.pkl").write_bytes(b"")
+    code = main(tune_args(dataset, storage))
+    err = capsys.readouterr().err
+    assert code == 2 and "different config and search" in err and "--overwrite" in err

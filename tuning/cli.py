@@ -1,0 +1,61 @@
+"""``sdf-ray tune``: search hyperparameters with Ray Tune, pruning trials that diverge.
+
+``sdf_ray.cli`` calls :func:`register` with its subparsers. User errors are raised as ``ConfigError`` /
+``UserError`` / ``ClusterError`` for the CLI to print as one line (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+from sdf_ray.errors import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 3, 130
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "tune", help="search hyperparameters with Ray Tune (prunes diverging trials)",
+        description="Run a Ray Tune sweep of training runs. Each trial applies its sampled values to the training "
+                    "config and trains with Ray Train; diverging trials are stopped at once, ASHA stops slow ones. "
+                    "Writes trials.csv, best_config.yaml and tune_summary.json under "
+                    "<checkpoint.storage_path>/<name>/. Re-running the same command resumes an interrupted sweep.")
+    p.add_argument("--config", required=True, help="training config YAML")
+    p.add_argument("--search", required=True, metavar="SEARCH.yaml", help="search file (space, scheduler, ...)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one training-config value (YAML-parsed), repeatable")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--name", help="sweep name: the directory under checkpoint.storage_path (default: the search "
+                                  "file's stem)")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing sweep of the same name first")
+    p.set_defaults(func=cmd_tune)
+    return p
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from sdf_ray import config as config_mod
+    from sdf_ray import launch
+    from sdf_ray.cli import connect_ray
+    from tuning import search, sweep
+
+    name = args.name or Path(args.search).stem
+    if not _NAME.match(name) or name in (".", ".."):
+        raise ConfigError(f"--name {name!r}: must be a plain directory name (letters, digits, . _ -)")
+    cfg = launch.resolve_paths(config_mod.load(args.config, args.overrides))
+    spec = search.load(args.search, cfg)
+    num_scenes = launch.check_dataset(cfg)
+    where = connect_ray(args.address)
+    print(f"sdf-ray tune: {name} on {where}", flush=True)
+    summary = sweep.run(cfg, spec, name, num_scenes=num_scenes, overwrite=args.overwrite)
+    print(sweep.format_table(spec, summary))
+    if summary["status_counts"].get("unfinished"):
+        print(f"sdf-ray tune: interrupted with {summary['status_counts']['unfinished']} trial(s) unfinished; "
+              "re-run the same command to resume")
+        return EXIT_INTERRUPTED
+    if summary["best_trial_id"]:
+        return EXIT_OK
+    return EXIT_DIVERGED if summary["status_counts"].get("pruned_diverged") else EXIT_FAILED
