@@ -175,6 +175,8 @@ class InjectConfig:
     """loss: the rank's loss; grad: a decoder gradient; latent: a latent-code gradient."""
     value: InjectValue = "nan"
     """The value injected."""
+    repeat: bool = False
+    """Also inject at every later step (a run that can only diverge: proves escalation and pruning)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,8 +191,6 @@ class CrashConfig:
 class DebugConfig:
     inject: tuple[InjectConfig, ...] = ()
     """Non-finite values to inject, to prove the guard works."""
-    inject_every_step_from: int = -1
-    """If >= 0: inject the first `inject` entry's site/value/rank at every step from this one on."""
     crash: CrashConfig | None = None
     """Kill one worker once, to prove recovery from checkpoints."""
 
@@ -383,8 +383,6 @@ def _validate(cfg: TrainConfig) -> list[str]:
         non_negative(f"debug.inject[{i}].step", inj.step)
         if not 0 <= inj.rank < max(s.num_workers, 1):
             p.append(f"`debug.inject[{i}].rank`: must be in 0..{s.num_workers - 1}, got {inj.rank}")
-    if dbg.inject_every_step_from >= 0 and not dbg.inject:
-        p.append("`debug.inject_every_step_from`: needs at least one `debug.inject` entry (its site/value/rank)")
     if dbg.crash is not None:
         non_negative("debug.crash.step", dbg.crash.step)
         if not 0 <= dbg.crash.rank < max(s.num_workers, 1):

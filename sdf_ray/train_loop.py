@@ -189,11 +189,8 @@ def set_epoch_lrs(state: TrainState, epoch: int) -> None:
 
 
 def injections_at(cfg: TrainConfig, step: int, rank: int) -> list[InjectConfig]:
-    found = [inj for inj in cfg.debug.inject if inj.step == step and inj.rank == rank]
-    every = cfg.debug.inject_every_step_from
-    if every >= 0 and step >= every and cfg.debug.inject and cfg.debug.inject[0].rank == rank:
-        found.append(cfg.debug.inject[0])
-    return found
+    return [inj for inj in cfg.debug.inject
+            if inj.rank == rank and (inj.step == step or (inj.repeat and step > inj.step))]
 
 
 @dataclass

@@ -139,3 +139,13 @@ def test_escalation_on_skip_fraction_over_window():
     assert esc.observe(20, 4, 0) == "continue"  # 4 of 20 = 20 %
     assert esc.observe(30, 9, 0) == "diverged"  # 6 of the last 20 = 30 %
     assert "30%" in esc.reason
+
+
+def test_injections_fire_on_their_step_and_rank_and_repeat_when_asked():
+    from sdf_ray.train_loop import injections_at
+
+    cfg = tiny_config(**{"debug.inject": [{"step": 2, "rank": 1, "site": "loss", "repeat": True},
+                                          {"step": 0, "rank": 0, "site": "grad"}]})
+    fired = {(s, r): len(injections_at(cfg, s, r)) for s in range(6) for r in range(2)}
+    assert [s for (s, r), n in fired.items() if n and r == 1] == [2, 3, 4, 5]
+    assert [s for (s, r), n in fired.items() if n and r == 0] == [0]

@@ -45,8 +45,8 @@ def test_nan_on_one_rank_at_each_site_is_skipped_by_every_rank(ray_session, tiny
 
 
 def test_nan_every_step_escalates_to_rollback_then_diverged(ray_session, tiny_dataset, tmp_path):
-    code, summary = train(tmp_path, tiny_dataset, "div", "debug.inject=[{step: 0, rank: 1, site: loss, value: inf}]",
-                          "debug.inject_every_step_from=2", "logging.every_n_steps=1",
+    code, summary = train(tmp_path, tiny_dataset, "div", "debug.inject=[{step: 2, rank: 1, site: loss, value: inf, repeat: true}]",
+                          "logging.every_n_steps=1",
                           "guard.max_consecutive_skips=2", "guard.max_rollbacks=1")
     assert code == EXIT_DIVERGED
     assert summary["status"] == "diverged"

@@ -17,7 +17,7 @@ from tuning import search, sweep
 from tuning.search import DivergenceSpec
 from tuning.stopper import DivergenceStopper, divergence_reason, replay
 
-INJECT = [{"step": 1000000, "rank": 0, "site": "loss", "value": "nan"}]
+INJECT = [{"step": 2, "rank": 0, "site": "loss", "value": "nan", "repeat": True}]
 
 
 def base_cfg(**overrides):
@@ -47,11 +47,9 @@ def test_packaged_stability_search_loads_against_the_tiny_config():
     assert lo <= 1e-5 and hi >= 1.0
 
 
-def test_packaged_tiny_search_is_a_grid_of_four_and_needs_an_inject_entry():
-    spec = search.load(search.packaged_search("tiny"), base_cfg(**{"debug.inject": INJECT}))
+def test_packaged_tiny_search_is_a_grid_of_four():
+    spec = search.load(search.packaged_search("tiny"), base_cfg())
     assert spec.has_grid and spec.num_trials() == 4 and spec.max_concurrent_trials == 2
-    problems = problems_of(C.yaml_load(search.packaged_search("tiny").read_text()), base_cfg())
-    assert has(problems, "`space.debug.inject_every_step_from` value 2", "needs at least one `debug.inject` entry")
 
 
 def test_defaults():
@@ -305,8 +303,8 @@ def test_expected_reports_follows_the_logging_and_checkpoint_cadence():
 
 
 def test_best_config_resets_debug_and_names_the_run():
-    cfg = base_cfg(**{"debug.inject": INJECT, "debug.inject_every_step_from": 2})
-    best = sweep.best_config(cfg, {"optim.decoder_lr": 3e-3, "debug.inject_every_step_from": -1}, "sweep1")
+    cfg = base_cfg(**{"debug.inject": INJECT})
+    best = sweep.best_config(cfg, {"optim.decoder_lr": 3e-3, "debug.inject": []}, "sweep1")
     assert best.optim.decoder_lr == 3e-3 and best.checkpoint.run_name == "sweep1-best"
     assert best.debug == C.DebugConfig()
     assert C.from_dict(C.yaml_load(C.to_yaml(best))) == best

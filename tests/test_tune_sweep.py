@@ -42,7 +42,6 @@ def tune_args(dataset, storage, *extra):
     sets = {
         "data.path": str(dataset), "checkpoint.storage_path": str(storage), "scaling.num_workers": 1,
         "optim.num_epochs": 10,        # 2 steps per epoch: 20 steps, a report every 2 (10 reports)
-        "debug.inject": "[{step: 1000000, rank: 0, site: loss, value: nan}]",
     }
     args = ["tune", "--config", str(C.packaged_config("tiny")), "--search", str(search.packaged_search("tiny")),
             "--name", NAME]
@@ -65,8 +64,8 @@ def test_sweep_prunes_diverging_trials_and_writes_a_best_config_that_trains(ray_
     with open(directory / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4
-    diverging = [r for r in rows if r["debug.inject_every_step_from"] == "2"]
-    healthy = [r for r in rows if r["debug.inject_every_step_from"] == "-1"]
+    diverging = [r for r in rows if "repeat" in r["debug.inject"]]
+    healthy = [r for r in rows if r["debug.inject"] == "[]"]
     assert len(diverging) == len(healthy) == 2
     for row in diverging:
         assert row["status"] == "pruned_diverged", row
@@ -81,7 +80,7 @@ def test_sweep_prunes_diverging_trials_and_writes_a_best_config_that_trains(ray_
     summary = json.loads((directory / "tune_summary.json").read_text())
     assert summary["num_trials"] == 4 and summary["status_counts"]["pruned_diverged"] == 2
     assert summary["best_trial_id"] in {r["trial_id"] for r in healthy}
-    assert summary["best_params"]["debug.inject_every_step_from"] == -1
+    assert summary["best_params"]["debug.inject"] == []
 
     best_path = directory / "best_config.yaml"
     best = C.load(best_path)
