@@ -29,7 +29,7 @@ NO_WAIT=0
 SUBMISSION_ID=""
 RUNTIME_ENV="$REPO_ROOT/cluster/runtime_env.yaml"
 WORKING_DIR="$REPO_ROOT"
-ENTRYPOINT_CPUS=1
+ENTRYPOINT_CPUS=0  # Ray's default: the driver runs on the head and takes no CPU the workers need
 
 while [[ $# -gt 0 ]]; do
   case "$1" in

@@ -188,7 +188,7 @@ def run_bench(cfg: TrainConfig, device: torch.device, *, num_scenes: int, steps:
               reference: bool = True) -> list[Timing]:
     configure_precision(cfg)
     packed = synthetic_scenes(num_scenes, STORED_SAMPLES_PER_SCENE)
-    no_guard = config_mod.replace(cfg, "guard.enabled", False)
+    no_guard = config_mod.replace(config_mod.replace(cfg, "guard.enabled", False), "guard.grad_clip", 0.0)
     variants: dict[str, Callable[[int], Any]] = {
         "guarded (sdf-ray step)": guarded_step_fn(cfg, device, packed),
         "guard off": guarded_step_fn(no_guard, device, packed),

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sdf_ray.errors import DataError
+
 if TYPE_CHECKING:
     from sdf_ray.train_loop import TrainState
 
@@ -70,10 +72,10 @@ def take_snapshot(state: TrainState) -> dict[str, Any]:
 def restore_snapshot(state: TrainState, snap: dict[str, Any], *, restore_rng: bool = True) -> None:
     """Load a snapshot into this rank's state in place (optimizer references stay valid)."""
     if snap.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint format {snap.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise DataError(f"checkpoint format {snap.get('format_version')!r}, expected {FORMAT_VERSION}")
     if snap["latents"].shape[0] != state.num_scenes_total:
-        raise ValueError(f"checkpoint has {snap['latents'].shape[0]} latent codes, "
-                         f"the dataset has {state.num_scenes_total} scenes")
+        raise DataError(f"the run's checkpoint has {snap['latents'].shape[0]} latent codes but the dataset has "
+                        f"{state.num_scenes_total} scenes: the dataset changed; use a new run name or --overwrite")
     state.decoder_module.load_state_dict(snap["decoder"])
     for p, saved in zip(state.decoder_module.parameters(), snap["decoder_optim"]):
         for k, v in saved.items():
@@ -97,12 +99,16 @@ def restore_snapshot(state: TrainState, snap: dict[str, Any], *, restore_rng: bo
 
 
 def replica_checksum(state: TrainState, snap: dict[str, Any]) -> str:
-    """Hash of this rank's decoder and decoder optimizer state plus the gathered codes and their state.
+    """Hash of this rank's replicated state: decoder, its Adam moments and steps, the latent Adam step,
+    the guard counters, step and data position, plus the gathered codes and their moments.
 
-    The decoder copies are the ones that could drift apart between replicas; equal checksums across
-    ranks prove they did not.
+    Equal checksums across ranks prove the replicas never drifted apart.
     """
     h = hashlib.sha256()
+    # Host and device state that a broken vote would let drift: step counts, counters, data position.
+    latent_step = state.optimizer.state[state.latents.codes]["step"]
+    h.update(repr((state.step, state.data_offset, state.escalation.rollbacks, state.counters.state(),
+                   float(latent_step))).encode())
     for p in state.decoder_module.parameters():
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
         for v in state.optimizer.state[p].values():

@@ -116,7 +116,7 @@ class OptimConfig:
 @dataclass(frozen=True, kw_only=True)
 class GuardConfig:
     enabled: bool = True
-    """Vote on non-finite loss/gradients and skip bad steps on every rank together."""
+    """The whole guard: global norm, clipping, the non-finite vote and skipping (off: plain DDP steps)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm (decoder + latents, after the all-reduce) to this; 0 disables."""
     max_consecutive_skips: int = 20
@@ -361,6 +361,9 @@ def _validate(cfg: TrainConfig) -> list[str]:
             p.append(f"`optim.betas[{i}]`: must be in [0, 1), got {beta!r}")
     positive("optim.eps", o.eps)
     non_negative("guard.grad_clip", g.grad_clip)
+    if not g.enabled and g.grad_clip > 0:
+        p.append("`guard.grad_clip`: clipping uses the guard's all-reduced global norm; set guard.grad_clip=0 "
+                 "when guard.enabled is false")
     positive("guard.max_consecutive_skips", g.max_consecutive_skips)
     if not 0 < g.max_skip_fraction <= 1:
         p.append(f"`guard.max_skip_fraction`: must be in (0, 1], got {g.max_skip_fraction!r}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdf_ray.config import TrainConfig, from_dict, to_dict, to_yaml, yaml_load
-from sdf_ray.errors import ClusterError, ConfigError, DataError
+from sdf_ray.errors import ClusterError, ConfigError, DataError, UserError
 
 RESOLVED_CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -22,11 +22,17 @@ def is_uri(path: str) -> bool:
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Absolute local paths: Ray workers run in another working directory."""
+    """Absolute local paths: Ray workers run in another working directory.
+
+    ``checkpoint.storage_path`` must be a filesystem path (local, or a shared mount such as NFS on a
+    multi-node cluster): rank 0 writes metrics.jsonl, TensorBoard events and summary.json beside Ray's
+    checkpoints, which an object-store URI cannot hold as files.
+    """
+    if is_uri(cfg.checkpoint.storage_path):
+        raise ConfigError(f"`checkpoint.storage_path`: {cfg.checkpoint.storage_path} is a URI; use a filesystem "
+                          f"path (a shared NFS mount on multi-node clusters)")
     data = dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).expanduser().resolve()))
-    storage = cfg.checkpoint.storage_path
-    if not is_uri(storage):
-        storage = str(Path(storage).expanduser().resolve())
+    storage = str(Path(cfg.checkpoint.storage_path).expanduser().resolve())
     return dataclasses.replace(cfg, data=data, checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=storage))
 
 
@@ -117,11 +123,11 @@ def check_cluster_resources(cfg: TrainConfig) -> None:
 def storage_warning(cfg: TrainConfig, num_nodes: int) -> str | None:
     """A warning when a multi-node cluster would write checkpoints to a path that may not be shared."""
     storage = cfg.checkpoint.storage_path
-    if num_nodes <= 1 or is_uri(storage):
+    if num_nodes <= 1:
         return None
     return (f"checkpoint.storage_path {storage} is a local path and the cluster has {num_nodes} nodes: unless it is "
             f"shared storage (NFS) mounted at the same path on every node, checkpoints will not be shared and a "
-            f"restarted worker group cannot resume (set checkpoint.storage_path to a shared mount or an s3:// URI)")
+            f"restarted worker group cannot resume (set checkpoint.storage_path to a shared mount)")
 
 
 def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> Any:
@@ -155,6 +161,28 @@ def config_from_checkpoint_dir(directory: str | Path) -> TrainConfig:
     return from_dict(yaml_load((Path(directory) / RESOLVED_CONFIG_FILE).read_text()))
 
 
+def _find_user_error(exc: BaseException) -> UserError | None:
+    """A UserError raised in a worker, wherever Ray wrapped it (causes, worker failure lists)."""
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        if isinstance(e, BaseException):
+            stack += [e.__cause__, e.__context__]
+        for attr in ("worker_failures", "failures", "errors"):
+            value = getattr(e, attr, None)
+            if isinstance(value, dict):
+                stack += list(value.values())
+            elif isinstance(value, (list, tuple)):
+                stack += list(value)
+    return None
+
+
 def fit(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Run the trainer to completion; returns the run's summary (``status: failed`` if Ray gave up)."""
     from ray.train import TrainingFailedError
@@ -168,6 +196,9 @@ def fit(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> dict[str, An
     try:
         trainer.fit()
     except TrainingFailedError as exc:
+        user_error = _find_user_error(exc)
+        if user_error is not None:  # e.g. a dataset that changed under a resumed run: exit 2, not a failure
+            raise user_error from None
         cause = exc.__cause__ or exc
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         failed: dict[str, Any] = {"status": "failed", "message": f"training failed after "

@@ -355,10 +355,11 @@ def run_training(cfg: TrainConfig, coll: Collectives, device: torch.device, repo
         decision = state.escalation.observe(state.step, metrics["guard/skipped_steps"],
                                             metrics["guard/consecutive_skips"])
         if decision == "rollback":
-            bad_until = state.step
+            bad_until, stream_position, elapsed = state.step, state.step + state.data_offset, state.elapsed_s
             ckpt.restore_snapshot(state, good_snapshot, restore_rng=False)
-            # Move the data stream past the window that produced the bad steps (PaLM-style).
-            state.data_offset += bad_until - state.step
+            # Resume the data stream where the bad window ended, never replaying it (PaLM-style): the
+            # offset keeps every earlier rollback's advance too.
+            state.data_offset, state.elapsed_s = stream_position - state.step, elapsed
             state.counters.values[1] = 0
             clock.last_counters = state.counters.read()
             epoch = -1
@@ -366,7 +367,7 @@ def run_training(cfg: TrainConfig, coll: Collectives, device: torch.device, repo
             if rank == 0:
                 on_rank0_line(f"guard: {state.escalation.reason} at step {bad_until}; rollback "
                               f"{state.escalation.rollbacks}/{cfg.guard.max_rollbacks} to step {state.step}, "
-                              f"data stream advanced by {bad_until - state.step} steps")
+                              f"data stream continues at position {stream_position}")
         elif decision == "diverged":
             status = "diverged"
             message = (f"run diverged at step {state.step}: {state.escalation.reason}, after "
@@ -392,6 +393,9 @@ def run_training(cfg: TrainConfig, coll: Collectives, device: torch.device, repo
     if writer is not None:
         writer.close()
     counters = state.counters.read()
+    if len(set(checksums)) > 1:
+        status = "failed"
+        message = f"replicas diverged from each other: checksums {checksums} differ (a bug: please report it)"
     return RunResult(
         status=status, message=message or f"finished {state.total_steps} steps",
         steps=state.step, epochs=round(state.step / state.steps_per_epoch, 4),

@@ -67,6 +67,7 @@ def _setup_logging(level: str, rank: int) -> None:
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(loop_config["train_config"])
     run_dir = Path(loop_config["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)  # on a node that never saw the driver's mkdir
     rank = ray.train.get_context().get_world_rank()
     _setup_logging(cfg.logging.level, rank)
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")

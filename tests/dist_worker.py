@@ -60,4 +60,34 @@ def run_steps(rank: int, world: int, port: int, out_path: str, num_steps: int,
     }
     torch.save(result, out_path)
     if world > 1:
+        dist.barrier()  # leave together: gloo aborts a process whose peer tears down mid-communication
+        dist.destroy_process_group()
+
+
+def reshard(rank: int, world: int, port: int, snap_path: str, out_path: str, train_steps: int) -> None:
+    """Train ``train_steps`` steps and save a snapshot, or (train_steps == 0) restore one and re-snapshot it."""
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        coll: Any = TorchCollectives()
+    else:
+        coll = LocalCollectives()
+    num_scenes = 7  # shards of unequal length on 2 and 3 ranks
+    cfg = tiny_config(**{"scaling.num_workers": 1})
+    state = build_state(cfg, coll, torch.device("cpu"), num_scenes)
+    if train_steps:
+        s = cfg.data.samples_per_scene
+        for step in range(train_steps):
+            g = torch.Generator().manual_seed(step)
+            xyz = torch.rand(len(state.shard) * s, 3, generator=g) * 2 - 1
+            train_step(state, torch.arange(len(state.shard)), xyz, xyz.norm(dim=1) - 0.5, reg_weight=1e-3)
+            state.step += 1
+        snap = ckpt.take_snapshot(state)
+    else:
+        ckpt.restore_snapshot(state, torch.load(snap_path, weights_only=False))
+        snap = ckpt.take_snapshot(state)
+    if rank == 0:
+        torch.save(snap, out_path)
+    if world > 1:
+        dist.barrier()  # leave together: gloo aborts a process whose peer tears down mid-communication
         dist.destroy_process_group()

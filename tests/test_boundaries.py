@@ -32,5 +32,8 @@ def test_multi_node_local_storage_is_warned_about():
     cfg = C.TrainConfig()
     assert storage_warning(cfg, 1) is None
     assert "3 nodes" in (storage_warning(cfg, 3) or "")
-    s3 = C.replace(cfg, "checkpoint.storage_path", "s3://bucket/runs")
-    assert storage_warning(s3, 3) is None
+    from sdf_ray.errors import ConfigError
+    from sdf_ray.launch import resolve_paths
+
+    with pytest.raises(ConfigError, match="is a URI"):
+        resolve_paths(C.replace(cfg, "checkpoint.storage_path", "s3://bucket/runs"))

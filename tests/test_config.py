@@ -64,7 +64,7 @@ def test_type_errors_name_the_dotted_path(tmp_path):
 def test_overrides_are_yaml_parsed_and_type_checked(tmp_path):
     p = write(tmp_path, "optim: {decoder_lr: 1.0e-3}\n")
     cfg = C.load(p, ["optim.decoder_lr=3e-4", "model.latent_in_layers=[2]", "model.num_layers=4",
-                     "guard.enabled=false", "debug.crash={step: 5, rank: 1}"])
+                     "guard.enabled=false", "guard.grad_clip=0", "debug.crash={step: 5, rank: 1}"])
     assert cfg.optim.decoder_lr == 3e-4 and cfg.model.latent_in_layers == (2,)
     assert cfg.guard.enabled is False and cfg.debug.crash == C.CrashConfig(step=5, rank=1)
     with pytest.raises(ConfigError) as e:

@@ -365,3 +365,24 @@ def test_write_uses_temp_dir_next_to_target(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(os, "rename", spy)
     write_dataset(tmp_path / "ds", [make_scene(0, 3, 3)], {})
     assert seen == [f".ds.tmp-{os.getpid()}->ds"]
+
+
+def test_non_finite_samples_in_a_dataset_are_a_data_error(tmp_path):
+    """A dataset written by another tool may hold NaN: loading refuses it instead of training on it."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import pytest
+
+    from sdf_ray.data.format import SceneSamples, load_scenes, read_manifest, write_dataset
+    from sdf_ray.errors import DataError
+
+    pos = np.array([[0.1, 0.2, 0.3, 0.5], [0.0, 0.0, 0.4, 0.2]], dtype=np.float32)
+    neg = np.array([[0.0, 0.0, 0.0, -0.1]], dtype=np.float32)
+    write_dataset(tmp_path / "d", [SceneSamples(name="s0", pos_N4=pos, neg_N4=neg)], source={"kind": "test"})
+    path = tmp_path / "d" / read_manifest(tmp_path / "d").files[0].name
+    table = pq.read_table(path)
+    x = table.column("x").to_numpy().copy()
+    x[1] = np.nan
+    pq.write_table(table.set_column(1, table.schema.field("x"), [x]), path)
+    with pytest.raises(DataError, match="NaN or Inf"):
+        load_scenes(tmp_path / "d", [0])

@@ -135,9 +135,9 @@ def test_escalation_rolls_back_then_declares_divergence():
 def test_escalation_on_skip_fraction_over_window():
     esc = Escalation(GuardConfig(max_consecutive_skips=1000, max_skip_fraction=0.25, skip_window_steps=20,
                                  max_rollbacks=0))
-    assert esc.observe(10, 3, 0) == "continue"
-    assert esc.observe(20, 4, 0) == "continue"  # 4 of 20 = 20 %
-    assert esc.observe(30, 9, 0) == "diverged"  # 6 of the last 20 = 30 %
+    assert esc.observe(10, 3, 0) == "continue"  # window not yet full: no fraction is judged
+    assert esc.observe(20, 5, 0) == "continue"  # 5 of the first 20 steps = 25 %: at the limit, not past it
+    assert esc.observe(30, 9, 0) == "diverged"  # 6 of the last 20 (steps 10-30) = 30 %
     assert "30%" in esc.reason
 
 

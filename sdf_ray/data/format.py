@@ -402,6 +402,13 @@ def load_scenes(path: str | Path, scene_ids: Sequence[int], *, manifest: Manifes
         bad = entries[j]
         raise DataError(f"scene column mismatch in {bad.file} ({d}): rows of scene {int(ids[j])} ({bad.name}) "
                         f"hold another scene's id")
+    finite = np.isfinite(samples).all(axis=1)
+    if not finite.all():
+        r = int(np.flatnonzero(~finite)[0])
+        j = int(np.searchsorted(np.cumsum(totals), r, side="right"))
+        bad = entries[j]
+        raise DataError(f"scene {int(ids[j])} ({bad.name}) in {bad.file} ({d}): {int((~finite).sum())} row(s) hold "
+                        f"NaN or Inf values; a dataset must be finite (import-deepsdf drops such rows)")
     is_pos_row = np.repeat(np.tile(np.array([True, False]), len(entries)), np.stack([pos_count, neg_count], 1).ravel())
     sign_ok = (samples[:, 3] > 0) == is_pos_row
     if not sign_ok.all():
