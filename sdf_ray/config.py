@@ -464,22 +464,28 @@ def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> tuple[di
     return merged, problems
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml_file(path: str | Path, what: str = "config") -> Any:
+    """Parse a YAML file; a missing, unreadable or malformed file is one ConfigError naming ``what``."""
     p = Path(path)
     try:
         text = p.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
+        raise ConfigError(f"{what} file not found: {p}") from None
     except IsADirectoryError:
-        raise ConfigError(f"config path is a directory, not a file: {p}") from None
+        raise ConfigError(f"{what} path is a directory, not a file: {p}") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} file {p}: {exc.strerror}") from None
     try:
-        data = yaml_load(text)
+        return yaml_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"not valid YAML{at}", source=str(p)) from None
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    data = read_yaml_file(p)
     if data is None:
         return {}
     if not isinstance(data, dict):

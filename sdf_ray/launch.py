@@ -10,9 +10,9 @@ from typing import Any
 
 from sdf_ray.config import TrainConfig, from_dict, to_dict, to_yaml, yaml_load
 from sdf_ray.errors import ClusterError, ConfigError, DataError, UserError
+from sdf_ray.fsutil import write_json_atomic, write_text_atomic
+from sdf_ray.run_files import RESOLVED_CONFIG_FILE, SUMMARY_FILE, WORKER_GROUP_STARTS_FILE
 
-RESOLVED_CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "summary.json"
 # Keys that may change when a stopped run is resumed (resources, cadences, debugging, length).
 RESUMABLE_CHANGES = ("scaling.", "logging.", "debug.", "checkpoint.", "optim.num_epochs")
 
@@ -89,7 +89,7 @@ def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> tuple[Path, bool]:
             raise ConfigError(f"run directory {directory} holds a run with a different config ({shown}); "
                               f"pass --overwrite to replace it or choose another checkpoint.run_name")
     directory.mkdir(parents=True, exist_ok=True)
-    saved.write_text(to_yaml(cfg))
+    write_text_atomic(saved, to_yaml(cfg))
     return directory, resuming
 
 
@@ -186,8 +186,6 @@ def _find_user_error(exc: BaseException) -> UserError | None:
 def fit(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Run the trainer to completion; returns the run's summary (``status: failed`` if Ray gave up)."""
     from ray.train import TrainingFailedError
-
-    from sdf_ray.worker import WORKER_GROUP_STARTS_FILE, write_json_atomic
 
     summary_path = run_dir(cfg) / SUMMARY_FILE
     summary_path.unlink(missing_ok=True)

@@ -7,9 +7,7 @@ checkpoints (rank 0 writes them), and rank 0 writes ``summary.json`` at the end.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -22,24 +20,16 @@ import torch
 from sdf_ray import checkpoint as ckpt
 from sdf_ray.config import from_dict, to_yaml
 from sdf_ray.dist import default_collectives
+from sdf_ray.fsutil import write_json_atomic, write_text_atomic
+from sdf_ray.run_files import RESOLVED_CONFIG_FILE, SUMMARY_FILE, WORKER_GROUP_STARTS_FILE
 from sdf_ray.train_loop import run_training
-
-SUMMARY_FILE = "summary.json"
-WORKER_GROUP_STARTS_FILE = ".worker-group-starts"
-
-
-def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def count_worker_group_start(run_dir: Path) -> int:
     """Rank 0 counts worker-group starts in this ``fit()`` (the driver resets the file); returns restarts."""
     path = run_dir / WORKER_GROUP_STARTS_FILE
     starts = int(path.read_text() or 0) + 1 if path.exists() else 1
-    path.write_text(str(starts))
+    write_text_atomic(path, str(starts))
     return starts - 1
 
 
@@ -85,7 +75,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         if snapshot is not None and rank == 0:
             with tempfile.TemporaryDirectory(prefix="sdf-ray-ckpt-") as tmp:
                 ckpt.save(snapshot, tmp)
-                (Path(tmp) / "config.yaml").write_text(to_yaml(cfg))
+                (Path(tmp) / RESOLVED_CONFIG_FILE).write_text(to_yaml(cfg))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)

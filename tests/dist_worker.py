@@ -17,6 +17,15 @@ from tests.helpers import tiny_config
 NUM_SCENES = 4
 
 
+def collectives(rank: int, world: int, port: int) -> Any:
+    """A gloo process group on 127.0.0.1 for world > 1, else the single-process stub."""
+    if world == 1:
+        return LocalCollectives()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    return TorchCollectives()
+
+
 def global_batch(step: int, samples_per_scene: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Points for every scene (scene-major), the same whoever asks."""
     g = torch.Generator().manual_seed(100 + step)
@@ -28,12 +37,7 @@ def global_batch(step: int, samples_per_scene: int) -> tuple[torch.Tensor, torch
 
 def run_steps(rank: int, world: int, port: int, out_path: str, num_steps: int,
               injections: list[dict[str, Any]], overrides: dict[str, Any]) -> None:
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        coll: Any = TorchCollectives()
-    else:
-        coll = LocalCollectives()
+    coll = collectives(rank, world, port)
     torch.set_num_threads(1)
     cfg = tiny_config(**{"scaling.num_workers": world, "data.scenes_per_step": NUM_SCENES, **overrides})
     state = build_state(cfg, coll, torch.device("cpu"), NUM_SCENES)
@@ -66,12 +70,7 @@ def run_steps(rank: int, world: int, port: int, out_path: str, num_steps: int,
 
 def reshard(rank: int, world: int, port: int, snap_path: str, out_path: str, train_steps: int) -> None:
     """Train ``train_steps`` steps and save a snapshot, or (train_steps == 0) restore one and re-snapshot it."""
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        coll: Any = TorchCollectives()
-    else:
-        coll = LocalCollectives()
+    coll = collectives(rank, world, port)
     num_scenes = 7  # shards of unequal length on 2 and 3 ranks
     cfg = tiny_config(**{"scaling.num_workers": 1})
     state = build_state(cfg, coll, torch.device("cpu"), num_scenes)

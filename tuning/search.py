@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sdf_ray import config as config_mod
 from sdf_ray.errors import ConfigError
 
@@ -356,22 +354,7 @@ def from_dict(data: Any, cfg: config_mod.TrainConfig | None = None, source: str 
 
 
 def load(path: str | Path, cfg: config_mod.TrainConfig | None = None) -> SearchSpec:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"search file not found: {p}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"search path is a directory, not a file: {p}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read search file {p}: {exc.strerror}") from None
-    try:
-        data = config_mod.yaml_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"not valid YAML{at}", source=str(p)) from None
-    return from_dict(data, cfg, source=str(p))
+    return from_dict(config_mod.read_yaml_file(path, "search"), cfg, source=str(path))
 
 
 def packaged_search(name: str) -> Path:

@@ -30,6 +30,8 @@ import yaml
 from sdf_ray import config as config_mod
 from sdf_ray import launch
 from sdf_ray.errors import ClusterError, ConfigError
+from sdf_ray.fsutil import write_json_atomic, write_text_atomic
+from sdf_ray.run_files import SUMMARY_FILE
 from tuning.search import SearchSpec, corner_configs, tune_param_space
 from tuning.stopper import DivergenceStopper, replay
 
@@ -243,14 +245,14 @@ def run(cfg: config_mod.TrainConfig, spec: SearchSpec, name: str, *, num_scenes:
                                    resume_unfinished=True, restart_errored=False)
     else:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / SWEEP_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+        write_text_atomic(directory / SWEEP_FILE, yaml.safe_dump(record, sort_keys=False))
         log(f"sdf-ray tune: {spec.num_trials()} trial(s), up to {sweep_plan.max_concurrent_trials} at once "
             f"({sweep_plan.cpus_per_trial:g} CPU(s) each); sweep directory {directory}")
         tuner = _make_tuner(cfg, spec, name, sweep_plan, stopper, directory)
     results = tuner.fit()
     summary = write_outputs(cfg, spec, name, directory, results, stopper.reasons, num_scenes)
     summary["elapsed_s"] = round(time.perf_counter() - started, 1)
-    _write_json(directory / SUMMARY_JSON, summary)
+    write_json_atomic(directory / SUMMARY_JSON, summary)
     return summary
 
 
@@ -271,12 +273,6 @@ def _json_number(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 def _trial_id(result: Any) -> str:
@@ -315,7 +311,7 @@ def trial_rows(cfg: config_mod.TrainConfig, spec: SearchSpec, entries: list[Entr
         finite = [v for v in values if v is not None]
         best = (min(finite) if spec.mode == "min" else max(finite)) if finite else None
         reason = reasons.get(trial_id) or replay(history, spec.divergence)[0]
-        trial_summary_path = trials_dir / trial_run_name(trial_id) / launch.SUMMARY_FILE
+        trial_summary_path = trials_dir / trial_run_name(trial_id) / SUMMARY_FILE
         trial_summary = json.loads(trial_summary_path.read_text()) if trial_summary_path.exists() else {}
         if reason is None and trial_summary.get("status") == "diverged":
             reason = trial_summary.get("message", "diverged")
@@ -379,7 +375,7 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
 def write_outputs(cfg: config_mod.TrainConfig, spec: SearchSpec, name: str, directory: Path, results: Any,
                   reasons: dict[str, str], num_scenes: int) -> dict[str, Any]:
     rows = trial_rows(cfg, spec, trial_entries(results), reasons, num_scenes, directory / TRIALS_SUBDIR)
-    (directory / TRIALS_CSV).write_text(_csv_text(rows))
+    write_text_atomic(directory / TRIALS_CSV, _csv_text(rows))
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
@@ -393,12 +389,12 @@ def write_outputs(cfg: config_mod.TrainConfig, spec: SearchSpec, name: str, dire
     best_path = directory / BEST_CONFIG
     if best is not None:
         params = {k: best[k] for k in spec.keys}
-        best_path.write_text(config_mod.to_yaml(best_config(cfg, params, name)))
+        write_text_atomic(best_path, config_mod.to_yaml(best_config(cfg, params, name)))
         summary.update(best_trial_id=best["trial_id"], best_params=params,
                        best_metric=best[f"last_{spec.metric}"], best_config=str(best_path))
     else:
         best_path.unlink(missing_ok=True)
-    _write_json(directory / SUMMARY_JSON, summary)
+    write_json_atomic(directory / SUMMARY_JSON, summary)
     return summary
 
 

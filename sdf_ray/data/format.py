@@ -397,25 +397,28 @@ def load_scenes(path: str | Path, scene_ids: Sequence[int], *, manifest: Manifes
         del table, cols
 
     expected_scene = np.repeat(ids.astype(np.int32), totals)
-    if not np.array_equal(scene_col, expected_scene):
-        j = int(np.searchsorted(np.cumsum(totals), int(np.flatnonzero(scene_col != expected_scene)[0]), side="right"))
-        bad = entries[j]
-        raise DataError(f"scene column mismatch in {bad.file} ({d}): rows of scene {int(ids[j])} ({bad.name}) "
+    row_ends = np.cumsum(totals)
+
+    def first_bad(ok_rows: np.ndarray) -> tuple[int, SceneEntry]:
+        """(global scene id, manifest entry) of the scene holding the first row where ``ok_rows`` is False."""
+        j = int(np.searchsorted(row_ends, int(np.flatnonzero(~ok_rows)[0]), side="right"))
+        return int(ids[j]), entries[j]
+
+    scene_ok = np.asarray(scene_col == expected_scene)
+    if not scene_ok.all():
+        sid, bad = first_bad(scene_ok)
+        raise DataError(f"scene column mismatch in {bad.file} ({d}): rows of scene {sid} ({bad.name}) "
                         f"hold another scene's id")
     finite = np.isfinite(samples).all(axis=1)
     if not finite.all():
-        r = int(np.flatnonzero(~finite)[0])
-        j = int(np.searchsorted(np.cumsum(totals), r, side="right"))
-        bad = entries[j]
-        raise DataError(f"scene {int(ids[j])} ({bad.name}) in {bad.file} ({d}): {int((~finite).sum())} row(s) hold "
+        sid, bad = first_bad(finite)
+        raise DataError(f"scene {sid} ({bad.name}) in {bad.file} ({d}): {int((~finite).sum())} row(s) hold "
                         f"NaN or Inf values; a dataset must be finite (import-deepsdf drops such rows)")
     is_pos_row = np.repeat(np.tile(np.array([True, False]), len(entries)), np.stack([pos_count, neg_count], 1).ravel())
     sign_ok = (samples[:, 3] > 0) == is_pos_row
     if not sign_ok.all():
-        r = int(np.flatnonzero(~sign_ok)[0])
-        j = int(np.searchsorted(np.cumsum(totals), r, side="right"))
-        bad = entries[j]
-        raise DataError(f"scene {int(ids[j])} ({bad.name}) in {bad.file} ({d}): rows are not positive-first as the "
+        sid, bad = first_bad(sign_ok)
+        raise DataError(f"scene {sid} ({bad.name}) in {bad.file} ({d}): rows are not positive-first as the "
                         f"manifest says ({bad.num_pos} with sdf > 0, then {bad.num_neg} with sdf <= 0)")
     return PackedScenes(samples_M4=samples, pos_offset=starts, pos_count=pos_count, neg_offset=starts + pos_count,
                         neg_count=neg_count, scene_ids=ids)
