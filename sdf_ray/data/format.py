@@ -409,7 +409,7 @@ def load_scenes(path: str | Path, scene_ids: Sequence[int], *, manifest: Manifes
         sid, bad = first_bad(scene_ok)
         raise DataError(f"scene column mismatch in {bad.file} ({d}): rows of scene {sid} ({bad.name}) "
                         f"hold another scene's id")
-    finite = np.isfinite(samples).all(axis=1)
+    finite = np.asarray(np.isfinite(samples).all(axis=1))
     if not finite.all():
         sid, bad = first_bad(finite)
         raise DataError(f"scene {sid} ({bad.name}) in {bad.file} ({d}): {int((~finite).sum())} row(s) hold "
