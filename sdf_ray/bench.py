@@ -207,6 +207,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.precision_check < 0:
+        raise UserError(f"--precision-check must be a number of steps >= 0, got {args.precision_check}")
     device = _device(args.device)
     if args.precision_check:
         result = precision_check(cfg, device, steps=args.precision_check)

@@ -98,24 +98,32 @@ def materialise_adam_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+COUNTER_NAMES = ("skipped_steps", "consecutive_skips", "steps", "clipped_steps", "longest_skip_streak")
+
+
 class GuardCounters:
     """On-device counters, updated without host syncs; the host reads them once per interval."""
 
     def __init__(self, device: torch.device) -> None:
-        # [skipped_total, consecutive_skips, steps_total, clipped_steps]
-        self.values = torch.zeros(4, dtype=torch.int64, device=device)
+        self.values = torch.zeros(len(COUNTER_NAMES), dtype=torch.int64, device=device)
 
     def update_(self, verdict: StepVerdict, grad_clip: float) -> None:
         bad = verdict.bad.long()
         clipped = (verdict.grad_norm > grad_clip).long() * (1 - bad) if grad_clip > 0 else torch.zeros_like(bad)
-        self.values.add_(torch.stack([bad, torch.zeros_like(bad), torch.ones_like(bad), clipped]))
-        # consecutive = (consecutive + 1) if bad else 0
+        zero = torch.zeros_like(bad)
+        self.values.add_(torch.stack([bad, zero, torch.ones_like(bad), clipped, zero]))
+        # consecutive = (consecutive + 1) if bad else 0; and the longest streak since the host last looked,
+        # so that a streak ending between two logging intervals still escalates.
         self.values[1] = (self.values[1] + bad) * bad
+        self.values[4] = torch.maximum(self.values[4], self.values[1])
+
+    def start_interval_(self) -> None:
+        """After the host read the counters: the next interval's longest streak starts from the current one."""
+        self.values[4] = self.values[1]
 
     def read(self) -> dict[str, int]:
         """Host sync: call once per logging interval."""
-        skipped, consecutive, steps, clipped = (int(v) for v in self.values.tolist())
-        return {"skipped_steps": skipped, "consecutive_skips": consecutive, "steps": steps, "clipped_steps": clipped}
+        return dict(zip(COUNTER_NAMES, (int(v) for v in self.values.tolist())))
 
     def load(self, values: list[int]) -> None:
         self.values.copy_(torch.tensor(values, dtype=torch.int64))
@@ -140,6 +148,7 @@ class Escalation:
     reason: str = ""
 
     def observe(self, step: int, skipped_total: int, consecutive: int) -> Decision:
+        """``consecutive``: the longest run of skipped steps since the last observation."""
         self.history.append((step, skipped_total))
         while len(self.history) > 1 and self.history[1][0] <= step - self.cfg.skip_window_steps:
             self.history.popleft()

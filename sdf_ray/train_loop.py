@@ -28,6 +28,7 @@ from sdf_ray.data.sampler import SceneSampler, shard_scene_ids
 from sdf_ray.dist import Collectives
 from sdf_ray.errors import DataError
 from sdf_ray.guard import (
+    COUNTER_NAMES,
     Escalation,
     GuardCounters,
     StepVerdict,
@@ -217,7 +218,8 @@ def collect_metrics(state: TrainState, clock: IntervalClock) -> dict[str, Any]:
     state.metric_acc.zero_()
     now = time.perf_counter()
     loss_sum, l1_sum, norm_sum = values[:3]
-    counters = dict(zip(("skipped_steps", "consecutive_skips", "steps", "clipped_steps"), map(int, values[3:])))
+    counters = dict(zip(COUNTER_NAMES, map(int, values[3:])))
+    state.counters.start_interval_()
     steps = counters["steps"] - clock.last_counters["steps"]
     skipped = counters["skipped_steps"] - clock.last_counters["skipped_steps"]
     good = steps - skipped
@@ -243,6 +245,7 @@ def collect_metrics(state: TrainState, clock: IntervalClock) -> dict[str, Any]:
         "guard/interval_skipped_steps": skipped,
         "guard/skip_fraction": skipped / steps if steps else 0.0,
         "guard/consecutive_skips": counters["consecutive_skips"],
+        "guard/longest_skip_streak": counters["longest_skip_streak"],
         "guard/clipped_steps": counters["clipped_steps"],
         "guard/rollbacks": state.escalation.rollbacks,
         "perf/samples_per_s": samples / elapsed,
@@ -353,7 +356,7 @@ def run_training(cfg: TrainConfig, coll: Collectives, device: torch.device, repo
             continue
         metrics = collect_metrics(state, clock)
         decision = state.escalation.observe(state.step, metrics["guard/skipped_steps"],
-                                            metrics["guard/consecutive_skips"])
+                                            metrics["guard/longest_skip_streak"])
         if decision == "rollback":
             bad_until, stream_position, elapsed = state.step, state.step + state.data_offset, state.elapsed_s
             ckpt.restore_snapshot(state, good_snapshot, restore_rng=False)
@@ -361,6 +364,7 @@ def run_training(cfg: TrainConfig, coll: Collectives, device: torch.device, repo
             # offset keeps every earlier rollback's advance too.
             state.data_offset, state.elapsed_s = stream_position - state.step, elapsed
             state.counters.values[1] = 0
+            state.counters.start_interval_()
             clock.last_counters = state.counters.read()
             epoch = -1
             metrics["guard/rollbacks"] = state.escalation.rollbacks

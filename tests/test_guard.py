@@ -120,7 +120,21 @@ def test_counters_track_consecutive_and_total_skips():
 
     for bad in [1, 1, 0, 1, 1, 1]:
         counters.update_(StepVerdict(bad=torch.tensor(bool(bad)), grad_norm=torch.tensor(0.5)), grad_clip=1.0)
-    assert counters.read() == {"skipped_steps": 5, "consecutive_skips": 3, "steps": 6, "clipped_steps": 0}
+    assert counters.read() == {"skipped_steps": 5, "consecutive_skips": 3, "steps": 6, "clipped_steps": 0,
+                               "longest_skip_streak": 3}
+
+
+def test_a_skip_streak_ending_between_two_reads_is_still_seen():
+    from sdf_ray.guard import StepVerdict
+
+    counters = GuardCounters(torch.device("cpu"))
+    for bad in [1, 1, 1, 1, 0, 0]:  # a streak of 4 that is over before the host looks
+        counters.update_(StepVerdict(bad=torch.tensor(bool(bad)), grad_norm=torch.tensor(0.5)), grad_clip=1.0)
+    read = counters.read()
+    assert read["consecutive_skips"] == 0 and read["longest_skip_streak"] == 4
+    counters.start_interval_()
+    counters.update_(StepVerdict(bad=torch.tensor(False), grad_norm=torch.tensor(0.5)), grad_clip=1.0)
+    assert counters.read()["longest_skip_streak"] == 0
 
 
 def test_escalation_rolls_back_then_declares_divergence():
