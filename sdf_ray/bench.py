@@ -216,11 +216,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
               + ", ".join(f"{k} {v:.5g}" for k, v in result.items()))
         return 0
     print(f"sdf-ray bench: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"precision {cfg.optim.precision}, compile {cfg.model.compile}, "
+          f"precision {cfg.optim.precision}, compile {cfg.model.compile} ({cfg.model.compile_mode}), "
           f"{cfg.data.scenes_per_step} scenes x {cfg.data.samples_per_scene} samples/step, "
           f"{args.num_scenes} scenes, {flops_per_sample(cfg.model) / 1e6:.2f} MFLOP/sample", flush=True)
     timings = run_bench(cfg, device, num_scenes=args.num_scenes, steps=args.steps, warmup=args.warmup,
-                        rounds=args.rounds)
+                        rounds=args.rounds, reference=not args.skip_reference)
     print(format_table(timings, "guarded (sdf-ray step)"))
     guarded, off = timings[0], timings[1]
     overhead = off.samples_per_s / guarded.samples_per_s - 1
@@ -249,6 +249,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; the median round is reported")
+    p.add_argument("--skip-reference", action="store_true", help="time only the guarded and guard-off steps")
     p.add_argument("--sweep", action="store_true", help="also vary samples per scene and the number of scenes")
     p.add_argument("--sweep-scenes", type=int, nargs="+", default=[1000, 100_000], metavar="N")
     p.add_argument("--sweep-samples", type=int, nargs="+", default=None, metavar="S",

@@ -24,6 +24,7 @@ Precision = Literal["fp32", "tf32", "bf16"]
 Schedule = Literal["step", "warmup", "constant"]
 InjectSite = Literal["loss", "grad", "latent"]
 InjectValue = Literal["nan", "inf"]
+CompileMode = Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"]
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
@@ -64,7 +65,10 @@ class ModelConfig:
     output_tanh: bool = True
     """Squash the output with tanh."""
     compile: bool = False
-    """Compile the forward+loss with torch.compile (GPU fast path)."""
+    """Compile the decoder with torch.compile (GPU fast path)."""
+    compile_mode: CompileMode = "default"
+    """torch.compile mode: default, or max-autotune-no-cudagraphs (Triton GEMMs with fused epilogues; slow
+    to compile), or reduce-overhead (CUDA graphs)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -102,7 +102,7 @@ def build_state(cfg: TrainConfig, coll: Collectives, device: torch.device, num_s
             decoder_module, device_ids=[device.index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True)
     if cfg.model.compile:
-        decoder = torch.compile(decoder)  # type: ignore[assignment]
+        decoder = torch.compile(decoder, mode=cfg.model.compile_mode)  # type: ignore[assignment]
     lrs = group_lrs(cfg.optim, 0)
     optimizer = torch.optim.Adam(
         [{"params": decoder_module.parameters(), "lr": lrs["decoder"], "name": "decoder"},
