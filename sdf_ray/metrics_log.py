@@ -8,6 +8,13 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+# Every key the training loop reports each logging interval (to Ray, metrics.jsonl and TensorBoard).
+REPORTED_METRICS = (
+    "train/loss", "train/l1", "train/grad_norm", "train/epoch", "train/step", "train/lr_decoder",
+    "train/lr_latents", "guard/skipped_steps", "guard/interval_skipped_steps", "guard/skip_fraction",
+    "guard/consecutive_skips", "guard/longest_skip_streak", "guard/clipped_steps", "guard/rollbacks",
+    "perf/samples_per_s", "perf/step_time_ms", "restarts", "diverged",
+)
 
 
 def finite_or_inf(value: float) -> float:

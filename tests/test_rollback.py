@@ -29,3 +29,16 @@ def test_rollbacks_resume_the_data_stream_past_every_bad_window(tiny_dataset, tm
     assert len(positions) > 6
     assert positions == sorted(positions) and len(set(positions)) == len(positions), positions
     assert [m["guard/rollbacks"] for m in reports].count(2) >= 1 and reports[-1]["diverged"] == 1
+
+
+def test_every_report_carries_exactly_the_documented_metrics(tiny_dataset, tmp_path):
+    """Tune validates search metrics against REPORTED_METRICS: the loop must report exactly those keys."""
+    from sdf_ray.metrics_log import REPORTED_METRICS, read_metrics
+
+    cfg = tiny_config(**{"scaling.num_workers": 1, "data.path": str(tiny_dataset), "optim.num_epochs": 2})
+    reports: list[dict] = []
+    result = run_training(cfg, LocalCollectives(), torch.device("cpu"),
+                          lambda metrics, snapshot: reports.append(metrics), tmp_path)
+    assert result.status == "finished" and reports
+    assert all(set(m) == set(REPORTED_METRICS) for m in reports)
+    assert read_metrics(tmp_path) == reports

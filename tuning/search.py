@@ -31,14 +31,8 @@ from typing import Any
 
 from sdf_ray import config as config_mod
 from sdf_ray.errors import ConfigError
+from sdf_ray.metrics_log import REPORTED_METRICS
 
-# Every metric sdf_ray.train_loop.collect_metrics reports (tests/test_tune_search.py keeps this list in sync).
-REPORTED_METRICS = (
-    "train/loss", "train/l1", "train/grad_norm", "train/epoch", "train/step", "train/lr_decoder",
-    "train/lr_latents", "guard/skipped_steps", "guard/interval_skipped_steps", "guard/skip_fraction",
-    "guard/consecutive_skips", "guard/clipped_steps", "guard/rollbacks", "perf/samples_per_s",
-    "perf/step_time_ms", "restarts", "diverged",
-)
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 TIME_ATTRS = ("training_iteration", "train/step", "train/epoch")
 TOP_LEVEL_KEYS = ("space", "num_samples", "metric", "mode", "scheduler", "search_alg", "max_concurrent_trials",
