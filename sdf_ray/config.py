@@ -64,6 +64,9 @@ class ModelConfig:
     """Weight normalisation on every hidden layer, as in the DeepSDF reference."""
     output_tanh: bool = True
     """Squash the output with tanh."""
+    pad_features_to: int = 8
+    """Pad odd feature widths (259 input, 253 before the skip) to a multiple of this in forward, with zeros:
+    same parameters and outputs, aligned bf16 GEMMs. 0 disables."""
     compile: bool = False
     """Compile the decoder with torch.compile (GPU fast path)."""
     compile_mode: CompileMode = "default"
@@ -341,6 +344,7 @@ def _validate(cfg: TrainConfig) -> list[str]:
             p.append(f"`model.latent_in_layers[{i}]`: must be in 1..{m.num_layers - 1}, got {layer}")
         elif m.hidden_dim <= m.latent_size + 3:
             p.append("`model.hidden_dim`: must exceed latent_size + 3 when latent_in_layers is used")
+    non_negative("model.pad_features_to", m.pad_features_to)
     if not 0 <= m.dropout < 1:
         p.append(f"`model.dropout`: must be in [0, 1), got {m.dropout!r}")
     if not d.path:

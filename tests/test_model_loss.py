@@ -77,3 +77,30 @@ def test_latent_init_and_projection():
     table.project_(torch.tensor(False))
     assert torch.linalg.vector_norm(table.codes.data, dim=1).tolist() == pytest.approx([1.0, 0.5])
     assert torch.equal(table.codes.data[1], torch.tensor([0.3, 0.4]))  # inside the ball: untouched
+
+
+def test_feature_padding_computes_the_same_function_with_the_same_parameters():
+    cfg = ModelConfig(latent_size=13, hidden_dim=32, num_layers=4, latent_in_layers=(2,), dropout=0.0)
+    padded_cfg = ModelConfig(**{**cfg.__dict__, "pad_features_to": 8})
+    torch.manual_seed(0)
+    plain = DeepSDFDecoder(cfg)
+    padded = DeepSDFDecoder(padded_cfg)
+    padded.load_state_dict(plain.state_dict())
+    assert num_parameters(padded) == num_parameters(plain)
+    assert padded.in_pad == 0 and padded.out_pad[1] == (-(32 - 16)) % 8  # 16 + 16 = 32: already aligned
+    x = torch.randn(50, 16, requires_grad=True)
+    torch.testing.assert_close(padded(x), plain(x))
+    ref = ModelConfig(pad_features_to=8)
+    dec = DeepSDFDecoder(ref)
+    assert (dec.in_pad, dec.out_pad[3]) == (5, 3)  # 259 -> 264, 253 -> 256
+    torch.manual_seed(1)
+    plain_ref = DeepSDFDecoder(ModelConfig(dropout=0.0))
+    padded_ref = DeepSDFDecoder(ModelConfig(dropout=0.0, pad_features_to=8))
+    padded_ref.load_state_dict(plain_ref.state_dict())
+    x = torch.randn(20, 259)
+    torch.testing.assert_close(padded_ref(x), plain_ref(x))
+    loss_p, loss_q = padded_ref(x).sum(), plain_ref(x).sum()
+    loss_p.backward()
+    loss_q.backward()
+    for (name, p), q in zip(padded_ref.named_parameters(), plain_ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
