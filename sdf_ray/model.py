@@ -20,11 +20,13 @@ class DeepSDFDecoder(nn.Module):
         in_dim = cfg.latent_size + 3
         dims = [in_dim] + [cfg.hidden_dim] * cfg.num_layers + [1]
         self.layers = nn.ModuleList()
+        self.out_features: list[int] = []
         for i in range(cfg.num_layers + 1):
             out_dim = dims[i + 1]
             if i + 1 in self.latent_in:
                 out_dim -= in_dim
             linear = nn.Linear(dims[i], out_dim)
+            self.out_features.append(out_dim)
             if cfg.weight_norm and i < cfg.num_layers:
                 linear = weight_norm(linear)
             self.layers.append(linear)
@@ -35,8 +37,8 @@ class DeepSDFDecoder(nn.Module):
         self.in_dim = in_dim
         multiple = cfg.pad_features_to
         self.in_pad = (-in_dim) % multiple if multiple else 0
-        self.out_pad = [(-layer.out_features) % multiple if multiple and i + 1 in self.latent_in else 0
-                        for i, layer in enumerate(self.layers)]
+        self.out_pad = [(-width) % multiple if multiple and i + 1 in self.latent_in else 0
+                        for i, width in enumerate(self.out_features)]
         self.relu = nn.ReLU()
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.output_tanh = cfg.output_tanh
@@ -44,12 +46,14 @@ class DeepSDFDecoder(nn.Module):
     def _padded_weight(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's weight and bias with zero rows/columns matching the padded activation layout."""
         layer = self.layers[i]
-        weight, bias = layer.weight, layer.bias
+        assert isinstance(layer, nn.Linear)
+        weight: torch.Tensor = layer.weight
+        bias: torch.Tensor = layer.bias
         pad = nn.functional.pad
         if i == 0:
             weight = pad(weight, (0, self.in_pad))
         elif i in self.latent_in:  # input = [previous output | its padding | network input | its padding]
-            prev = self.layers[i - 1].out_features
+            prev = self.out_features[i - 1]
             weight = torch.cat([pad(weight[:, :prev], (0, self.out_pad[i - 1])),
                                 pad(weight[:, prev:], (0, self.in_pad))], dim=1)
         if self.out_pad[i]:
