@@ -27,8 +27,6 @@ class Collectives(Protocol):
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's picklable object, in rank order."""
 
-    def barrier(self) -> None: ...
-
 
 class LocalCollectives:
     """World of one: every collective is the identity."""
@@ -44,9 +42,6 @@ class LocalCollectives:
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return [obj]
-
-    def barrier(self) -> None:
-        return None
 
 
 class TorchCollectives:
@@ -73,9 +68,6 @@ class TorchCollectives:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
-
-    def barrier(self) -> None:
-        dist.barrier()
 
 
 def default_collectives() -> Collectives:

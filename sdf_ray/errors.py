@@ -28,6 +28,3 @@ class DataError(UserError):
 class ClusterError(UserError):
     """The Ray cluster cannot run what was asked (unreachable, too small, no token)."""
 
-
-class TrainingDiverged(Exception):
-    """Raised inside the training loop when the guard's escalation is exhausted."""

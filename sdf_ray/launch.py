@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sdf_ray.config import TrainConfig, from_dict, to_dict, to_yaml, yaml_load
+from sdf_ray.config import TrainConfig, to_dict, to_yaml, yaml_load
 from sdf_ray.errors import ClusterError, ConfigError, DataError, UserError
 from sdf_ray.fsutil import write_json_atomic, write_text_atomic
 from sdf_ray.run_files import RESOLVED_CONFIG_FILE, SUMMARY_FILE, WORKER_GROUP_STARTS_FILE
@@ -156,9 +156,6 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> An
         ),
     )
 
-
-def config_from_checkpoint_dir(directory: str | Path) -> TrainConfig:
-    return from_dict(yaml_load((Path(directory) / RESOLVED_CONFIG_FILE).read_text()))
 
 
 def _find_user_error(exc: BaseException) -> UserError | None:
