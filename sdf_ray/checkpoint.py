@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sdf_ray.data.sampler import mix_seed, shard_scene_ids
 from sdf_ray.errors import DataError
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
+DROPOUT_STREAM = 0xD0  # keeps dropout seeds apart from the sampler's, which mix the same (seed, rank, step)
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -39,7 +41,7 @@ def take_snapshot(state: TrainState) -> dict[str, Any]:
     def gather_table(local_NL: torch.Tensor) -> torch.Tensor:
         full = torch.empty((num_scenes, local_NL.shape[1]), dtype=local_NL.dtype)
         for rank, rows in enumerate(coll.all_gather_rows(local_NL.detach())):
-            full[rank::world] = rows.cpu()  # round-robin sharding: rank r owns scenes r, r+W, ...
+            full[shard_scene_ids(num_scenes, rank, world)] = rows.cpu()
         return full
 
     decoder_params = list(state.decoder_module.parameters())
@@ -95,7 +97,12 @@ def restore_snapshot(state: TrainState, snap: dict[str, Any], *, restore_rng: bo
         if "cuda" in rng and state.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], state.device)
     elif restore_rng:  # another world size: fresh, deterministic per-rank dropout streams
-        torch.manual_seed(hash((state.cfg.data.seed, state.coll.rank, state.step)) % 2**63)
+        seed_dropout_rng(state.cfg.data.seed, state.coll.rank, state.step)
+
+
+def seed_dropout_rng(seed: int, rank: int, step: int) -> None:
+    """Each rank's dropout stream (torch's global RNG), a function of (seed, rank, step)."""
+    torch.manual_seed(mix_seed(seed, rank, step, DROPOUT_STREAM))
 
 
 def replica_checksum(state: TrainState, snap: dict[str, Any]) -> str:

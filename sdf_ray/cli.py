@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sdf_ray import config as config_mod
-from sdf_ray.errors import ClusterError, UserError
+from sdf_ray.errors import ClusterError, UserError, first_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USER, EXIT_DIVERGED = 0, 1, 2, 3
 log = logging.getLogger("sdf_ray")
@@ -89,14 +89,13 @@ def connect_ray(address: str | None) -> str:
             gcs_address = canonicalize_bootstrap_address_or_die(address) if address == "auto" else address
         except ConnectionError as exc:
             raise ClusterError(f"cannot find a Ray cluster for address {address!r}: "
-                               f"{str(exc).splitlines()[0]}") from None
+                               f"{first_line(exc)}") from None
         _probe(gcs_address)
         try:
             ray.init(address=gcs_address, logging_level=logging.WARNING,
                      runtime_env={"env_vars": {"RAY_ADDRESS": gcs_address}})
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ClusterError(f"cannot connect to the Ray cluster at {gcs_address}: {first}") from None
+            raise ClusterError(f"cannot connect to the Ray cluster at {gcs_address}: {first_line(exc)}") from None
         return f"Ray cluster at {gcs_address}"
     missing = ray._private.utils.get_dashboard_dependency_error()
     if missing:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-empty line (or its type name): Ray's errors span many lines."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class UserError(Exception):
     """A problem the user can fix (bad config, bad data, bad arguments): exit code 2, no traceback."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdf_ray.config import TrainConfig, to_dict, to_yaml, yaml_load
-from sdf_ray.errors import ClusterError, ConfigError, DataError, UserError
+from sdf_ray.errors import ClusterError, ConfigError, DataError, UserError, first_line
 from sdf_ray.fsutil import write_json_atomic, write_text_atomic
 from sdf_ray.run_files import RESOLVED_CONFIG_FILE, SUMMARY_FILE, WORKER_GROUP_STARTS_FILE
 
@@ -195,7 +195,7 @@ def fit(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> dict[str, An
         if user_error is not None:  # e.g. a dataset that changed under a resumed run: exit 2, not a failure
             raise user_error from None
         cause = exc.__cause__ or exc
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        first = first_line(cause)
         failed: dict[str, Any] = {"status": "failed", "message": f"training failed after "
                    f"scaling.max_failures={cfg.scaling.max_failures} restart(s): {first}",
                    "run_name": cfg.checkpoint.run_name}

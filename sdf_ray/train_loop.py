@@ -109,7 +109,7 @@ def build_state(cfg: TrainConfig, coll: Collectives, device: torch.device, num_s
          {"params": latents.parameters(), "lr": lrs["latents"], "name": "latents"}],
         betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
     materialise_adam_state(optimizer)
-    torch.manual_seed(seed * 1000 + coll.rank + 1)  # per-rank dropout stream
+    ckpt.seed_dropout_rng(seed, coll.rank, 0)
     return TrainState(
         cfg=cfg, coll=coll, device=device, decoder=decoder, decoder_module=decoder_module, latents=latents,
         optimizer=optimizer, counters=GuardCounters(device), escalation=Escalation(cfg.guard), shard=shard,
