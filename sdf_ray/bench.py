@@ -2,8 +2,8 @@
 
 All variants run in one process on the same device and the same synthetic scenes (generated in memory:
 no files), alternating in rounds so that clock or thermal drift hits every variant alike. Reported per
-variant: samples/s, model TFLOP/s (6 x MACs per sample), milliseconds per step, peak device memory, and
-ratios against the guarded step.
+variant: samples/s, TFLOP/s (6 x the multiply-adds it executes per sample), milliseconds per step, peak
+device memory, and ratios against the guarded step.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -57,7 +58,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def guarded_step_fn(cfg: TrainConfig, device: torch.device, packed: PackedScenes) -> Callable[[int], torch.Tensor]:
+def guarded_step_fn(cfg: TrainConfig, device: torch.device, packed: PackedScenes, *,
+                    code_per_sample: bool = False) -> Callable[[int], torch.Tensor]:
     """The production step (``train_step`` with the config's guard settings) fed by the device sampler."""
     state = build_state(cfg, LocalCollectives(), device, packed.num_scenes)
     sampler = SceneSampler(packed, scenes_per_step=cfg.data.scenes_per_step,
@@ -65,7 +67,8 @@ def guarded_step_fn(cfg: TrainConfig, device: torch.device, packed: PackedScenes
                            seed=0, rank=0, device=device)
 
     def step(i: int) -> torch.Tensor:
-        _, _, l1 = train_step(state, *sampler.batch(i), reg_weight=cfg.loss.code_reg_lambda)
+        _, _, l1 = train_step(state, *sampler.batch(i), reg_weight=cfg.loss.code_reg_lambda,
+                              code_per_sample=code_per_sample)
         return l1
 
     return step
@@ -110,7 +113,7 @@ def reference_step_fn(cfg: TrainConfig, device: torch.device, packed: PackedScen
         latent_bl = codes(scenes)  # on the host, as the original trainer did
         latent_nl = latent_bl.repeat_interleave(s, 0).to(device)
         opt.zero_grad()
-        pred = decoder(torch.cat([latent_nl, batch[:, :3]], 1))
+        pred = decoder(latent_nl, batch[:, :3])
         loss, _ = sdf_loss(pred, batch[:, 3], latent_bl.to(device), cfg.loss, cfg.loss.code_reg_lambda)
         if torch.isnan(loss).item() or torch.isinf(loss).item():  # the per-step host sync
             return
@@ -129,7 +132,7 @@ class Timing:
     seconds: list[float]
     steps_per_round: int
     samples_per_step: int
-    flops_per_sample: int
+    flops_per_sample: float
     peak_bytes: int = 0
 
     @property
@@ -145,10 +148,11 @@ class Timing:
         return self.samples_per_s * self.flops_per_sample / 1e12
 
 
-def time_variants(variants: dict[str, Callable[[int], Any]], device: torch.device, *, steps: int, warmup: int,
-                  rounds: int, samples_per_step: int, flops: int) -> list[Timing]:
-    timings = {name: Timing(name, [], steps, samples_per_step, flops) for name in variants}
-    for name, fn in variants.items():
+def time_variants(variants: dict[str, tuple[Callable[[int], Any], float]], device: torch.device, *, steps: int,
+                  warmup: int, rounds: int, samples_per_step: int) -> list[Timing]:
+    """Time each ``name: (step function, FLOPs per sample)``; rounds alternate between the variants."""
+    timings = {name: Timing(name, [], steps, samples_per_step, flops) for name, (_, flops) in variants.items()}
+    for name, (fn, _) in variants.items():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for i in range(warmup):
@@ -157,7 +161,7 @@ def time_variants(variants: dict[str, Callable[[int], Any]], device: torch.devic
         if device.type == "cuda":
             timings[name].peak_bytes = torch.cuda.max_memory_allocated(device)
     for r in range(rounds):
-        for name, fn in variants.items():
+        for name, (fn, _) in variants.items():
             _sync(device)
             t0 = time.perf_counter()
             for i in range(steps):
@@ -176,6 +180,41 @@ def format_table(timings: list[Timing], baseline: str) -> str:
     return "\n".join(lines)
 
 
+_GEMM_KERNEL = re.compile(r"gemm|nvjet|cutlass|xmma|matmul", re.IGNORECASE)
+
+
+def kernel_profile(step: Callable[[int], Any], device: torch.device, *, steps: int, first_step: int,
+                   top: int = 15) -> str:
+    """Profile ``steps`` calls of ``step``: device time per step by kernel, and matmul against the rest."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(steps):
+                step(first_step + i)
+        return str(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(first_step + i)
+        _sync(device)
+    per_kernel: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            entry = per_kernel.setdefault(event.name, [0.0, 0])
+            entry[0] += event.time_range.elapsed_us() / 1000 / steps
+            entry[1] += 1 / steps
+    total = sum(ms for ms, _ in per_kernel.values())
+    gemm = sum(ms for name, (ms, _) in per_kernel.items() if _GEMM_KERNEL.search(name))
+    lines = [f"device time per step: {total:.2f} ms in {sum(n for _, n in per_kernel.values()):.0f} kernels; "
+             f"matmul {gemm:.2f} ms ({100 * gemm / total:.0f} %), everything else {total - gemm:.2f} ms",
+             f"{'ms/step':>8} {'share':>6} {'calls':>5}  kernel"]
+    for name, (ms, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{ms:>8.3f} {100 * ms / total:>5.1f}% {calls:>5.0f}  {name[:110]}")
+    return "\n".join(lines)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,20 +224,26 @@ def _device(name: str) -> torch.device:
 
 
 def run_bench(cfg: TrainConfig, device: torch.device, *, num_scenes: int, steps: int, warmup: int, rounds: int,
-              reference: bool = True) -> list[Timing]:
+              reference: bool = True, variants_too: bool = True) -> list[Timing]:
     configure_precision(cfg)
     packed = synthetic_scenes(num_scenes, STORED_SAMPLES_PER_SCENE)
     no_guard = config_mod.replace(config_mod.replace(cfg, "guard.enabled", False), "guard.grad_clip", 0.0)
-    variants: dict[str, Callable[[int], Any]] = {
-        "guarded (sdf-ray step)": guarded_step_fn(cfg, device, packed),
-        "guard off": guarded_step_fn(no_guard, device, packed),
+    flops = flops_per_sample(cfg.model, cfg.data.samples_per_scene)
+    flops_unfactorised = flops_per_sample(cfg.model, 1)
+    variants: dict[str, tuple[Callable[[int], Any], float]] = {
+        "guarded (sdf-ray step)": (guarded_step_fn(cfg, device, packed), flops),
+        "guard off": (guarded_step_fn(no_guard, device, packed), flops),
     }
+    if variants_too:
+        variants["guarded, a code per sample"] = (
+            guarded_step_fn(cfg, device, packed, code_per_sample=True), flops_unfactorised)
     if reference:
         ref_cfg = config_mod.replace(config_mod.replace(cfg, "optim.precision", "fp32"), "model.compile", False)
-        variants["reference (fp32, .item(), host codes)"] = reference_step_fn(ref_cfg, device, packed)
+        variants["reference (fp32, .item(), host codes)"] = (
+            reference_step_fn(ref_cfg, device, packed), flops_unfactorised)
     samples_per_step = cfg.data.scenes_per_step * cfg.data.samples_per_scene
     return time_variants(variants, device, steps=steps, warmup=warmup, rounds=rounds,
-                         samples_per_step=samples_per_step, flops=flops_per_sample(cfg.model))
+                         samples_per_step=samples_per_step)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -207,6 +252,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.profile < 0:
+        raise UserError(f"--profile must be a number of steps >= 0, got {args.profile}")
     if args.precision_check < 0:
         raise UserError(f"--precision-check must be a number of steps >= 0, got {args.precision_check}")
     device = _device(args.device)
@@ -218,7 +265,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"sdf-ray bench: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"precision {cfg.optim.precision}, compile {cfg.model.compile} ({cfg.model.compile_mode}), "
           f"{cfg.data.scenes_per_step} scenes x {cfg.data.samples_per_scene} samples/step, "
-          f"{args.num_scenes} scenes, {flops_per_sample(cfg.model) / 1e6:.2f} MFLOP/sample", flush=True)
+          f"{args.num_scenes} scenes, {flops_per_sample(cfg.model, cfg.data.samples_per_scene) / 1e6:.2f} MFLOP/sample executed", flush=True)
+    if args.profile:
+        configure_precision(cfg)
+        step = guarded_step_fn(cfg, device, synthetic_scenes(args.num_scenes, STORED_SAMPLES_PER_SCENE))
+        for i in range(args.warmup):
+            step(i)
+        print(f"profile of the guarded step over {args.profile} steps")
+        print(kernel_profile(step, device, steps=args.profile, first_step=args.warmup))
+        return 0
     timings = run_bench(cfg, device, num_scenes=args.num_scenes, steps=args.steps, warmup=args.warmup,
                         rounds=args.rounds, reference=not args.skip_reference)
     print(format_table(timings, "guarded (sdf-ray step)"))
@@ -233,7 +288,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             for num_scenes in args.sweep_scenes:
                 c = config_mod.replace(cfg, "data.samples_per_scene", samples_per_scene)
                 t = run_bench(c, device, num_scenes=num_scenes, steps=args.steps, warmup=args.warmup,
-                              rounds=args.rounds, reference=False)[0]
+                              rounds=args.rounds, reference=False, variants_too=False)[0]
                 print(f"{c.data.scenes_per_step:>11} {samples_per_scene:>13} {num_scenes:>10} "
                       f"{t.samples_per_s:>12,.0f} {1000 * t.step_s:>8.2f}", flush=True)
     return 0
@@ -249,11 +304,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; the median round is reported")
-    p.add_argument("--skip-reference", action="store_true", help="time only the guarded and guard-off steps")
+    p.add_argument("--skip-reference", action="store_true", help="leave out the (slow) reference-style step")
     p.add_argument("--sweep", action="store_true", help="also vary samples per scene and the number of scenes")
     p.add_argument("--sweep-scenes", type=int, nargs="+", default=[1000, 100_000], metavar="N")
     p.add_argument("--sweep-samples", type=int, nargs="+", default=None, metavar="S",
                    help="samples per scene to sweep (default: a quarter, 1x and 4x the config's)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="instead of timing: profile STEPS guarded steps and print device time by kernel")
     p.add_argument("--precision-check", type=int, default=0, metavar="STEPS",
                    help="instead of timing: train fp32 and the config's precision/compile for STEPS steps on the "
                         "same batches and compare their final loss")

@@ -7,11 +7,23 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from sdf_ray.config import ModelConfig
+from sdf_ray.dropout import relu_dropout
+
+linear = nn.functional.linear
 
 
 class DeepSDFDecoder(nn.Module):
-    """f(z, xyz) -> sdf. Input rows are ``[latent_L | xyz_3]``; layers in ``latent_in_layers`` see the
-    input again, concatenated to the previous layer's output (which is narrowed to keep the width)."""
+    """f(z, xyz) -> sdf, the reference network: layer 0 reads ``[z | xyz]``; each layer in ``latent_in_layers``
+    reads ``[previous output | z | xyz]`` (the previous layer is narrowed by L + 3 to keep the width).
+
+    ``forward(latent, xyz)`` takes the code and the points apart, with broadcasting over leading dims: one
+    code per scene ``[B, 1, L]`` against its points ``[B, S, 3]``, or a code per point ``[N, L]`` against
+    ``[N, 3]``, or one code ``[L]`` against ``[N, 3]``. A layer that reads the input splits its weight by
+    columns, ``W [h | z | xyz] = W_h h + W_z z + W_xyz xyz``, and computes ``W_z z`` once per code. This
+    is the reference layer on the concatenation, to rounding, but a training batch of 64 scenes x 16,384
+    points does the 256-wide code GEMM on 64 rows instead of 1 M, and never builds the ``[N, 259]`` input
+    or the ``[N, 512]`` skip concatenation (forward or backward).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -25,65 +37,105 @@ class DeepSDFDecoder(nn.Module):
             out_dim = dims[i + 1]
             if i + 1 in self.latent_in:
                 out_dim -= in_dim
-            linear = nn.Linear(dims[i], out_dim)
+            layer = nn.Linear(dims[i], out_dim)
             self.out_features.append(out_dim)
             if cfg.weight_norm and i < cfg.num_layers:
-                linear = weight_norm(linear)
-            self.layers.append(linear)
+                layer = weight_norm(layer)
+            self.layers.append(layer)
         self.num_hidden = cfg.num_layers
-        # Feature padding (``model.pad_features_to``): widths such as 259 (= 256 + 3) and 253 make bf16 rows
-        # that are not 16-byte aligned, which keeps cuBLAS off its fastest kernels. Zero columns/rows are
-        # added in forward only: parameters, their count and the function computed are unchanged.
-        self.in_dim = in_dim
+        # Feature padding (``model.pad_features_to``): a width such as 253 (512 - 259, the layer before a
+        # skip) makes bf16 rows that are not 16-byte aligned, which keeps cuBLAS off its fastest kernels.
+        # Zero rows/columns are added in forward only: parameters, their count and the function are unchanged.
         multiple = cfg.pad_features_to
-        self.in_pad = (-in_dim) % multiple if multiple else 0
         self.out_pad = [(-width) % multiple if multiple and i + 1 in self.latent_in else 0
                         for i, width in enumerate(self.out_features)]
-        self.relu = nn.ReLU()
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.dropout = cfg.dropout
         self.output_tanh = cfg.output_tanh
 
-    def _padded_weight(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's weight and bias with zero rows/columns matching the padded activation layout."""
+    def _reads_input(self, i: int) -> bool:
+        return i == 0 or i in self.latent_in
+
+    def _split_weight(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """Layer i as (W_h or None, W_[z|xyz] or None, bias), with the zero padding of the activations."""
         layer = self.layers[i]
         assert isinstance(layer, nn.Linear)
-        weight: torch.Tensor = layer.weight
+        weight: torch.Tensor = layer.weight  # weight norm recomputes it on access: read it once per forward
         bias: torch.Tensor = layer.bias
+        prev = 0 if i == 0 else self.out_features[i - 1]
+        w_h = None if i == 0 else weight[:, :prev]
+        w_in = weight[:, prev:] if self._reads_input(i) else None
         pad = nn.functional.pad
-        if i == 0:
-            weight = pad(weight, (0, self.in_pad))
-        elif i in self.latent_in:  # input = [previous output | its padding | network input | its padding]
-            prev = self.out_features[i - 1]
-            weight = torch.cat([pad(weight[:, :prev], (0, self.out_pad[i - 1])),
-                                pad(weight[:, prev:], (0, self.in_pad))], dim=1)
+        if w_h is not None and i > 0 and self.out_pad[i - 1]:
+            w_h = pad(w_h, (0, self.out_pad[i - 1]))
         if self.out_pad[i]:
-            weight, bias = pad(weight, (0, 0, 0, self.out_pad[i])), pad(bias, (0, self.out_pad[i]))
-        return weight, bias
+            rows = (0, 0, 0, self.out_pad[i])
+            w_h = None if w_h is None else pad(w_h, rows)
+            w_in = None if w_in is None else pad(w_in, rows)
+            bias = pad(bias, (0, self.out_pad[i]))
+        return w_h, w_in, bias
 
-    def forward(self, input_NI: torch.Tensor) -> torch.Tensor:
-        padded = self.in_pad > 0 or any(self.out_pad)
-        input_NI = nn.functional.pad(input_NI, (0, self.in_pad)) if padded else input_NI
-        x = input_NI
-        for i, layer in enumerate(self.layers[:-1]):
-            if i in self.latent_in:
-                x = torch.cat([x, input_NI], dim=1)
-            x = nn.functional.linear(x, *self._padded_weight(i)) if padded else layer(x)
-            x = self.dropout(self.relu(x))
+    def _input_term(self, w_in: torch.Tensor, bias: torch.Tensor, latent: torch.Tensor,
+                    xyz: torch.Tensor) -> torch.Tensor:
+        """``W_z z + b`` once per code, broadcast against ``W_xyz xyz`` per point."""
+        codes = latent.reshape(-1, self.latent_size)
+        # One small GEMM probes the layer with each code (at xyz = 0) and each unit axis (at z = 0). Its
+        # output rows are contiguous, so the per-point sum below reads the axis responses coalesced (a
+        # column slice of the weight, read once per element, made the fused kernel 3-4x slower).
+        unit_axes = torch.eye(3, dtype=codes.dtype, device=codes.device)
+        probes = torch.cat([nn.functional.pad(codes, (0, 3)), nn.functional.pad(unit_axes, (self.latent_size, 0))])
+        rows = linear(probes, w_in)
+        per_code = (rows[:-3] + bias).view(*latent.shape[:-1], -1)
+        axes = rows[-3:]
+        if torch.compiler.is_compiling():
+            # K = 3: three multiply-adds that compile fuses into the layer's elementwise kernel (in fp32);
+            # a GEMM would write and re-read an extra [N, width] tensor.
+            per_point = xyz[..., 0:1] * axes[0] + xyz[..., 1:2] * axes[1] + xyz[..., 2:3] * axes[2]
+        else:
+            per_point = torch.matmul(xyz.to(axes.dtype), axes)
+        return (per_code + per_point).to(per_code.dtype)
+
+    def forward(self, latent: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
+        if latent.shape[-1] != self.latent_size or xyz.shape[-1] != 3:
+            raise ValueError(f"expected latent [..., {self.latent_size}] and xyz [..., 3], "
+                             f"got {tuple(latent.shape)} and {tuple(xyz.shape)}")
+        x = xyz  # replaced by layer 0's output
+        for i in range(self.num_hidden):
+            w_h, w_in, bias = self._split_weight(i)
+            if w_in is None:
+                assert w_h is not None
+                x = linear(x, w_h, bias)
+            elif w_h is None:
+                x = self._input_term(w_in, bias, latent, xyz)
+            else:
+                x = linear(x, w_h) + self._input_term(w_in, bias, latent, xyz)
+            x = relu_dropout(x, self.dropout, self.training)
         # The 512 -> 1 output layer stays in fp32 under bf16 autocast (0.03 % of the FLOPs): with bf16
         # inputs its rounding error (~1e-2) exceeds the surface-band L1 the model is fitting (~5e-3).
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = self.layers[-1](x.float())
+            out = self.layers[-1]
+            assert isinstance(out, nn.Linear)
+            x = out(x.to(out.weight.dtype))
         if self.output_tanh:
             x = torch.tanh(x)
-        return x.squeeze(1)
+        return x.squeeze(-1)
 
 
 def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def flops_per_sample(cfg: ModelConfig) -> int:
-    """Forward+backward matmul FLOPs per SDF sample (6 x MACs), for throughput and roofline figures."""
+def flops_per_sample(cfg: ModelConfig, samples_per_code: int) -> float:
+    """Forward+backward FLOPs per SDF sample (6 x multiply-adds) as the decoder executes them when
+    ``samples_per_code`` points share a code: the code's share of an input layer is amortised over them."""
     decoder = DeepSDFDecoder(cfg)
-    macs = sum(m.in_features * m.out_features for m in decoder.modules() if isinstance(m, nn.Linear))
-    return 6 * macs
+    per_sample = per_code = 0
+    for i, width in enumerate(decoder.out_features):
+        layer = decoder.layers[i]
+        assert isinstance(layer, nn.Linear)
+        in_features = layer.in_features
+        if i < decoder.num_hidden and decoder._reads_input(i):
+            per_code += cfg.latent_size * width
+            per_sample += (in_features - cfg.latent_size) * width
+        else:
+            per_sample += in_features * width
+    return 6 * (per_sample + per_code / samples_per_code)

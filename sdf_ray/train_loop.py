@@ -135,9 +135,12 @@ def _inject_value(inj: InjectConfig) -> float:
 
 
 def train_step(state: TrainState, scene_idx_B: torch.Tensor, xyz_N3: torch.Tensor, sdf_N: torch.Tensor,
-               reg_weight: float, injections: Sequence[InjectConfig] = (),
+               reg_weight: float, injections: Sequence[InjectConfig] = (), *, code_per_sample: bool = False,
                ) -> tuple[StepVerdict, torch.Tensor, torch.Tensor]:
-    """One guarded optimizer step. Returns (verdict, loss, l1) as device tensors; no host sync."""
+    """One guarded optimizer step. Returns (verdict, loss, l1) as device tensors; no host sync.
+
+    ``code_per_sample`` feeds the decoder a code per sample instead of one per scene (the same function:
+    the unfactorised cost, for benchmarks and tests)."""
     cfg, coll = state.cfg, state.coll
     num_scenes_B = scene_idx_B.shape[0]
     samples_per_scene = xyz_N3.shape[0] // num_scenes_B
@@ -146,8 +149,10 @@ def train_step(state: TrainState, scene_idx_B: torch.Tensor, xyz_N3: torch.Tenso
     # 1. forward and backward on every rank, always (skipping backward would hang the all-reduce).
     with precision_context(cfg, state.device):
         latent_BL = state.latents(scene_idx_B)
-        latent_NL = latent_BL.unsqueeze(1).expand(num_scenes_B, samples_per_scene, -1).reshape(xyz_N3.shape[0], -1)
-        pred_N = state.decoder(torch.cat([latent_NL, xyz_N3], dim=1))
+        codes_B1L = latent_BL.unsqueeze(1)
+        if code_per_sample:
+            codes_B1L = codes_B1L.expand(-1, samples_per_scene, -1).contiguous()
+        pred_N = state.decoder(codes_B1L, xyz_N3.view(num_scenes_B, samples_per_scene, 3)).reshape(-1)
         loss, l1 = sdf_loss(pred_N, sdf_N, latent_BL, cfg.loss, reg_weight)
     for inj in injections:
         if inj.site == "loss":

@@ -21,9 +21,12 @@ def test_synthetic_scenes_are_packed_positive_first():
 def test_bench_times_every_variant_with_the_same_work():
     cfg = tiny_config(**{"scaling.num_workers": 1})
     timings = run_bench(cfg, torch.device("cpu"), num_scenes=16, steps=2, warmup=1, rounds=1)
-    assert [t.name for t in timings] == ["guarded (sdf-ray step)", "guard off", "reference (fp32, .item(), host codes)"]
+    assert [t.name for t in timings] == ["guarded (sdf-ray step)", "guard off", "guarded, a code per sample",
+                                         "reference (fp32, .item(), host codes)"]
     for t in timings:
         assert t.samples_per_step == 4 * 64 and t.samples_per_s > 0 and t.tflops > 0
+    # A code per sample executes the code GEMM for every sample: more FLOPs per sample.
+    assert timings[2].flops_per_sample > timings[0].flops_per_sample == timings[1].flops_per_sample
 
 
 def test_bf16_reaches_the_fp32_loss_on_the_same_batches():

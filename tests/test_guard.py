@@ -33,6 +33,20 @@ def test_clean_step_updates_every_parameter_group():
     assert after["layers.0.bias/step"].item() == before["layers.0.bias/step"].item() + 1
 
 
+def test_a_code_per_scene_steps_like_a_code_per_sample():
+    cfg, shared = make_state(**{"model.dropout": 0.0})
+    _, per_sample = make_state(**{"model.dropout": 0.0})
+    batch = fake_batch(cfg, NUM_SCENES)
+    for _ in range(3):
+        _, loss, _ = train_step(shared, *batch, reg_weight=1e-4)
+        _, ref_loss, _ = train_step(per_sample, *batch, reg_weight=1e-4, code_per_sample=True)
+        torch.testing.assert_close(loss, ref_loss)
+    after, ref = state_tensors(shared), state_tensors(per_sample)
+    assert after.keys() == ref.keys()
+    for name in after:
+        torch.testing.assert_close(after[name], ref[name], msg=name)
+
+
 @pytest.mark.parametrize("site", ["loss", "grad", "latent"])
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_injected_non_finite_skips_step_bit_identically(site, value):

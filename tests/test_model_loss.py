@@ -18,15 +18,48 @@ def test_reference_decoder_has_1843195_parameters():
     assert num_parameters(DeepSDFDecoder(ModelConfig())) == 1_843_195
 
 
+def concatenated_forward(dec: DeepSDFDecoder, latent_NL: torch.Tensor, xyz_N3: torch.Tensor) -> torch.Tensor:
+    """The reference formulation, written independently: concatenate the input, then plain layers."""
+    inp = torch.cat([latent_NL, xyz_N3], dim=1)
+    x = inp
+    for i, layer in enumerate(dec.layers[:-1]):
+        if i in dec.latent_in:
+            x = torch.cat([x, inp], dim=1)
+        x = torch.relu(layer(x))  # callers use dropout 0
+    x = dec.layers[-1](x)
+    return (torch.tanh(x) if dec.output_tanh else x).squeeze(1)
+
+
 def test_decoder_shapes_and_skip_connection_width():
     cfg = ModelConfig()
     dec = DeepSDFDecoder(cfg)
     assert dec.layers[3].out_features == 512 - (256 + 3)
     assert dec.layers[4].in_features == 512
     dec.eval()
-    out = dec(torch.randn(7, 259))
+    out = dec(torch.randn(7, 256), torch.randn(7, 3))
     assert out.shape == (7,)
     assert out.abs().max() <= 1.0  # final tanh
+    assert dec(torch.randn(256), torch.randn(5, 3)).shape == (5,)  # one code for all points
+    assert dec(torch.randn(2, 1, 256), torch.randn(2, 6, 3)).shape == (2, 6)  # a code per scene
+    with pytest.raises(ValueError, match=r"expected latent \[\.\.\., 256\] and xyz \[\.\.\., 3\]"):
+        dec(torch.randn(7, 259), torch.randn(7, 3))
+
+
+@pytest.mark.parametrize("pad", [0, 8])
+def test_code_per_scene_computes_the_concatenated_network_and_its_gradients(pad):
+    cfg = ModelConfig(latent_size=13, hidden_dim=40, num_layers=5, latent_in_layers=(2, 4), dropout=0.0,
+                      pad_features_to=pad)
+    torch.manual_seed(0)
+    dec = DeepSDFDecoder(cfg).double()
+    codes_BL = torch.randn(3, 13, dtype=torch.float64, requires_grad=True)
+    xyz_BS3 = torch.randn(3, 7, 3, dtype=torch.float64)
+    out_BS = dec(codes_BL.unsqueeze(1), xyz_BS3)
+    ref_N = concatenated_forward(dec, codes_BL.repeat_interleave(7, 0), xyz_BS3.reshape(-1, 3))
+    torch.testing.assert_close(out_BS.reshape(-1), ref_N)
+    grads = torch.autograd.grad(out_BS.square().sum(), [codes_BL, *dec.parameters()])
+    ref_grads = torch.autograd.grad(ref_N.square().sum(), [codes_BL, *dec.parameters()])
+    for name, g, r in zip(["codes", *(n for n, _ in dec.named_parameters())], grads, ref_grads):
+        torch.testing.assert_close(g, r, msg=name)
 
 
 def test_decoder_without_weight_norm_or_tanh():
@@ -80,27 +113,44 @@ def test_latent_init_and_projection():
 
 
 def test_feature_padding_computes_the_same_function_with_the_same_parameters():
-    cfg = ModelConfig(latent_size=13, hidden_dim=32, num_layers=4, latent_in_layers=(2,), dropout=0.0)
-    padded_cfg = ModelConfig(**{**cfg.__dict__, "pad_features_to": 8})
-    torch.manual_seed(0)
-    plain = DeepSDFDecoder(cfg)
-    padded = DeepSDFDecoder(padded_cfg)
-    padded.load_state_dict(plain.state_dict())
-    assert num_parameters(padded) == num_parameters(plain)
-    assert padded.in_pad == 0 and padded.out_pad[1] == (-(32 - 16)) % 8  # 16 + 16 = 32: already aligned
-    x = torch.randn(50, 16, requires_grad=True)
-    torch.testing.assert_close(padded(x), plain(x))
     ref = ModelConfig(pad_features_to=8)
-    dec = DeepSDFDecoder(ref)
-    assert (dec.in_pad, dec.out_pad[3]) == (5, 3)  # 259 -> 264, 253 -> 256
+    assert DeepSDFDecoder(ref).out_pad == [0, 0, 0, 3, 0, 0, 0, 0, 0]  # 253 -> 256 before the skip
+    aligned = ModelConfig(latent_size=13, hidden_dim=32, num_layers=4, latent_in_layers=(2,), pad_features_to=8)
+    assert DeepSDFDecoder(aligned).out_pad[1] == 0  # 32 - 16 = 16: already a multiple of 8
     torch.manual_seed(1)
-    plain_ref = DeepSDFDecoder(ModelConfig(dropout=0.0))
+    plain_ref = DeepSDFDecoder(ModelConfig(dropout=0.0, pad_features_to=0))
     padded_ref = DeepSDFDecoder(ModelConfig(dropout=0.0, pad_features_to=8))
     padded_ref.load_state_dict(plain_ref.state_dict())
-    x = torch.randn(20, 259)
-    torch.testing.assert_close(padded_ref(x), plain_ref(x))
-    loss_p, loss_q = padded_ref(x).sum(), plain_ref(x).sum()
-    loss_p.backward()
-    loss_q.backward()
+    assert num_parameters(padded_ref) == num_parameters(plain_ref)
+    latent, xyz = torch.randn(20, 256), torch.randn(20, 3)
+    torch.testing.assert_close(padded_ref(latent, xyz), plain_ref(latent, xyz))
+    padded_ref(latent, xyz).sum().backward()
+    plain_ref(latent, xyz).sum().backward()
     for (name, p), q in zip(padded_ref.named_parameters(), plain_ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_flops_per_sample_amortise_the_code_over_its_samples():
+    from sdf_ray.model import flops_per_sample
+
+    ref = ModelConfig()
+    per_sample_macs = 259 * 512 + 2 * 512 * 512 + 512 * 253 + 4 * 512 * 512 + 512
+    assert flops_per_sample(ref, 1) == 6 * per_sample_macs == 11_013_120  # a code per sample: the reference
+    shared = 6 * (per_sample_macs - 256 * 512 - 256 * 512)
+    assert flops_per_sample(ref, 16384) == pytest.approx(shared + 6 * 2 * 256 * 512 / 16384)
+
+
+def test_compiled_decoder_takes_the_fused_point_term_and_matches_eager():
+    # aot_eager traces like inductor (so the compile-only branch runs) without needing a C++ toolchain.
+    cfg = ModelConfig(latent_size=13, hidden_dim=40, num_layers=5, latent_in_layers=(2,), dropout=0.0)
+    torch.manual_seed(0)
+    dec = DeepSDFDecoder(cfg)
+    compiled = torch.compile(dec, backend="aot_eager", fullgraph=True)
+    codes_BL = torch.randn(3, 13, requires_grad=True)
+    xyz_BS3 = torch.randn(3, 7, 3)
+    eager = dec(codes_BL.unsqueeze(1), xyz_BS3)
+    fused = compiled(codes_BL.unsqueeze(1), xyz_BS3)
+    torch.testing.assert_close(fused, eager)
+    params = [codes_BL, *dec.parameters()]
+    for g, r in zip(torch.autograd.grad(fused.sum(), params), torch.autograd.grad(eager.sum(), params)):
+        torch.testing.assert_close(g, r)
