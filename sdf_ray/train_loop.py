@@ -102,6 +102,7 @@ def build_state(cfg: TrainConfig, coll: Collectives, device: torch.device, num_s
             decoder_module, device_ids=[device.index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True)
     if cfg.model.compile:
+        avoid_inductor_mix_order_reduction()
         decoder = torch.compile(decoder, mode=cfg.model.compile_mode)  # type: ignore[assignment]
     lrs = group_lrs(cfg.optim, 0)
     optimizer = torch.optim.Adam(
@@ -116,6 +117,20 @@ def build_state(cfg: TrainConfig, coll: Collectives, device: torch.device, num_s
         num_scenes_total=num_scenes_total,
         steps_per_epoch=steps_per_epoch(num_scenes_total, cfg.data.scenes_per_step),
         metric_acc=torch.zeros(3, dtype=torch.float64, device=device))
+
+
+def avoid_inductor_mix_order_reduction() -> None:
+    """Turn off inductor's mix-order reduction fusion unless TORCHINDUCTOR_MIX_ORDER_REDUCTION says otherwise.
+
+    In torch 2.11 it fails to compile this decoder's backward at some batch shapes (16 scenes x 4,096
+    samples: ``AssertionError: 512 v.s. 8192`` in ``MixOrderReduction.get_numel_rnumel``): the per-code
+    (sum over samples) and per-feature (sum over everything) gradient reductions meet in one fusion.
+    """
+    import torch._inductor.config as inductor_config
+
+    if "TORCHINDUCTOR_MIX_ORDER_REDUCTION" not in os.environ and hasattr(inductor_config.triton,
+                                                                        "mix_order_reduction"):
+        inductor_config.triton.mix_order_reduction = False
 
 
 def precision_context(cfg: TrainConfig, device: torch.device) -> Any:
