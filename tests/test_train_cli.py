@@ -29,3 +29,20 @@ def test_unreachable_address_is_a_one_line_error(tmp_path, capsys):
                  "--set", f"checkpoint.storage_path={tmp_path}", "--address", "127.0.0.1:1"])
     err = capsys.readouterr().err
     assert code == 2 and "no Ray cluster is reachable at 127.0.0.1:1" in err
+
+
+def test_job_env_passes_the_gcs_address_and_a_fast_report_collection(monkeypatch):
+    import json
+
+    from sdf_ray.cli import HEALTH_CHECK_ENV, job_env_vars
+
+    monkeypatch.delenv(HEALTH_CHECK_ENV, raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert job_env_vars("127.0.0.1:1") == {"RAY_ADDRESS": "127.0.0.1:1", HEALTH_CHECK_ENV: "0.1"}
+    monkeypatch.setenv(HEALTH_CHECK_ENV, "0.5")  # the user's own choice travels with the job
+    assert job_env_vars("127.0.0.1:1")[HEALTH_CHECK_ENV] == "0.5"
+    # Inside `ray job submit` whose runtime env already sets it, setting it again would make Ray refuse
+    # the driver ("Failed to merge the Job's runtime env").
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"env_vars": {HEALTH_CHECK_ENV: "0.1"}}}))
+    assert job_env_vars("127.0.0.1:1") == {"RAY_ADDRESS": "127.0.0.1:1"}
