@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -39,6 +40,10 @@ def run_steps(rank: int, world: int, port: int, out_path: str, num_steps: int,
               injections: list[dict[str, Any]], overrides: dict[str, Any]) -> None:
     coll = collectives(rank, world, port)
     torch.set_num_threads(1)
+    if overrides.get("model.compile"):
+        # aot_eager captures graphs as inductor does (dynamo, DDP's bucketed graph splits, AOT autograd,
+        # the compiled dropout branch) without a C++ toolchain or minutes of codegen on CPU.
+        torch.compile = functools.partial(torch.compile, backend="aot_eager")  # type: ignore[assignment]
     cfg = tiny_config(**{"scaling.num_workers": world, "data.scenes_per_step": NUM_SCENES, **overrides})
     state = build_state(cfg, coll, torch.device("cpu"), NUM_SCENES)
     s = cfg.data.samples_per_scene

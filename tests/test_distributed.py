@@ -48,6 +48,17 @@ def test_nan_on_one_rank_makes_every_rank_skip_and_replicas_stay_identical(tmp_p
         assert torch.isfinite(value).all()
 
 
+def test_compiled_ddp_with_dropout_skips_together_and_stays_identical(tmp_path):
+    """The GPU fast path's structure on gloo: a compiled DDP decoder whose dropout masks differ per rank."""
+    injections = [{"step": 2, "rank": 1, "site": "loss", "value": "nan"}]
+    results = run(tmp_path, 2, 4, injections, {"model.compile": True, "model.dropout": 0.2})
+    assert [r["skipped"] for r in results] == [[2], [2]]
+    assert results[0]["checksum"] == results[1]["checksum"]
+    for key, value in results[0]["decoder"].items():
+        assert torch.equal(value, results[1]["decoder"][key]), key
+        assert torch.isfinite(value).all()
+
+
 def test_without_the_vote_a_rank_local_nan_desynchronises_replicas(tmp_path):
     """The failure the vote prevents: with the guard off, rank 1 steps on a NaN decoder gradient alone."""
     injections = [{"step": 1, "rank": 1, "site": "grad", "value": "nan"}]
