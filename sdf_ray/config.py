@@ -65,8 +65,8 @@ class ModelConfig:
     output_tanh: bool = True
     """Squash the output with tanh."""
     pad_features_to: int = 8
-    """Pad odd feature widths (259 input, 253 before the skip) to a multiple of this in forward, with zeros:
-    same parameters and outputs, aligned bf16 GEMMs. 0 disables."""
+    """Pad the odd width of the layer before a skip (253 = 512 - 259) to a multiple of this in forward, with
+    zeros: same parameters and outputs, aligned bf16 GEMMs. 0 disables."""
     compile: bool = False
     """Compile the decoder with torch.compile (GPU fast path)."""
     compile_mode: CompileMode = "default"

@@ -7,7 +7,8 @@ and the masks that autograd stores for the backward.
 - **The backward needs only the output.** With ``y = relu(x) * keep / (1 - p)``, ``dy/dx`` is ``1 / (1 - p)``
   exactly where ``y > 0`` and 0 elsewhere (a dropped or non-positive input gives ``y == 0``; a kept
   positive one gives ``y > 0``, even in bf16, since ``x / (1 - p) >= x``). ``y`` is saved anyway as the
-  next layer's input, so no mask is stored.
+  next layer's input, so neither the dropout mask nor the pre-activation is kept for the backward
+  (inductor's partitioner still chooses to save ``y > 0`` as a bool, 1 byte per element).
 - **The mask comes from a counter hash** (a Weyl sequence folded to 32 bits, then murmur3's finaliser) of
   the element index and a per-call seed drawn from torch's generator: a dozen integer operations that
   the compiler fuses into the layer's elementwise kernel, instead of a Philox call per element. The

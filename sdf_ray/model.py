@@ -84,7 +84,8 @@ class DeepSDFDecoder(nn.Module):
         unit_axes = torch.eye(3, dtype=codes.dtype, device=codes.device)
         probes = torch.cat([nn.functional.pad(codes, (0, 3)), nn.functional.pad(unit_axes, (self.latent_size, 0))])
         rows = linear(probes, w_in)
-        per_code = (rows[:-3] + bias).view(*latent.shape[:-1], -1)
+        # The bias is an fp32 parameter: keep the sum in the GEMM's dtype (bf16 under autocast).
+        per_code = (rows[:-3] + bias).to(rows.dtype).view(*latent.shape[:-1], w_in.shape[0])
         axes = rows[-3:]
         if torch.compiler.is_compiling():
             # K = 3: three multiply-adds that compile fuses into the layer's elementwise kernel (in fp32);

@@ -120,7 +120,8 @@ def build_state(cfg: TrainConfig, coll: Collectives, device: torch.device, num_s
 
 
 def avoid_inductor_mix_order_reduction() -> None:
-    """Turn off inductor's mix-order reduction fusion unless TORCHINDUCTOR_MIX_ORDER_REDUCTION says otherwise.
+    """Turn off inductor's mix-order reduction fusion (process-wide: inductor has no per-model switch)
+    unless TORCHINDUCTOR_MIX_ORDER_REDUCTION says otherwise.
 
     In torch 2.11 it fails to compile this decoder's backward at some batch shapes (16 scenes x 4,096
     samples: ``AssertionError: 512 v.s. 8192`` in ``MixOrderReduction.get_numel_rnumel``): the per-code

@@ -49,7 +49,7 @@ def test_nan_on_one_rank_makes_every_rank_skip_and_replicas_stay_identical(tmp_p
 
 
 def test_compiled_ddp_with_dropout_skips_together_and_stays_identical(tmp_path):
-    """The GPU fast path's structure on gloo: a compiled DDP decoder whose dropout masks differ per rank."""
+    """The GPU fast path's structure on gloo: a compiled DDP decoder with dropout (each rank seeds its own)."""
     injections = [{"step": 2, "rank": 1, "site": "loss", "value": "nan"}]
     results = run(tmp_path, 2, 4, injections, {"model.compile": True, "model.dropout": 0.2})
     assert [r["skipped"] for r in results] == [[2], [2]]

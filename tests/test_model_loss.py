@@ -41,6 +41,7 @@ def test_decoder_shapes_and_skip_connection_width():
     assert out.abs().max() <= 1.0  # final tanh
     assert dec(torch.randn(256), torch.randn(5, 3)).shape == (5,)  # one code for all points
     assert dec(torch.randn(2, 1, 256), torch.randn(2, 6, 3)).shape == (2, 6)  # a code per scene
+    assert dec(torch.randn(0, 256), torch.randn(0, 3)).shape == (0,)  # an empty batch
     with pytest.raises(ValueError, match=r"expected latent \[\.\.\., 256\] and xyz \[\.\.\., 3\]"):
         dec(torch.randn(7, 259), torch.randn(7, 3))
 
@@ -154,3 +155,15 @@ def test_compiled_decoder_takes_the_fused_point_term_and_matches_eager():
     params = [codes_BL, *dec.parameters()]
     for g, r in zip(torch.autograd.grad(fused.sum(), params), torch.autograd.grad(eager.sum(), params)):
         torch.testing.assert_close(g, r)
+
+
+def test_hidden_activations_stay_bf16_under_autocast(monkeypatch):
+    import sdf_ray.model as model_mod
+
+    seen: list[torch.dtype] = []
+    real = model_mod.relu_dropout
+    monkeypatch.setattr(model_mod, "relu_dropout", lambda x, p, training: seen.append(x.dtype) or real(x, p, training))
+    dec = DeepSDFDecoder(ModelConfig(latent_size=8, hidden_dim=32, num_layers=4, latent_in_layers=(2,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dec(torch.randn(2, 1, 8), torch.randn(2, 5, 3))
+    assert seen == [torch.bfloat16] * 4  # the input layers too (their fp32 bias must not promote them)

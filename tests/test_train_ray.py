@@ -43,8 +43,8 @@ def test_nan_on_one_rank_at_each_site_is_skipped_by_every_rank(ray_session, tiny
     assert all(m["train/loss"] == math.inf for m in metrics if m["guard/interval_skipped_steps"])
     assert (tmp_path / "nan" / "config.yaml").exists()
     # 8 reports, one per step: with Ray Train's default 2 s collection of reports (a queue of one per
-    # worker), report() would hold the loop for ~14 s; sdf-ray has the controller collect every 0.1 s.
-    assert summary["elapsed_s"] < 7
+    # worker), report() would hold the loop for ~14 s (0.6 s measured without); sdf-ray has the controller collect every 0.1 s.
+    assert summary["elapsed_s"] < 10
 
 
 def test_nan_every_step_escalates_to_rollback_then_diverged(ray_session, tiny_dataset, tmp_path):
