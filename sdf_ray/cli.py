@@ -69,24 +69,27 @@ def _probe(gcs_address: str, timeout_s: float = 3.0) -> None:
 # once per health check (every 2 s by default): a worker that reports more often than that blocks in
 # report. Measured on an H200, logging every 40 steps (1.3 s) held training to one interval per 2 s: 20.9 M
 # instead of 31.6 M samples/s. Polling 10x a second costs one small RPC per worker per poll.
+# Not for Tune: a controller that polls this often notices its workers dying while Tune is killing the
+# trial, retries, and creates a new placement group that outlives it (seen in CI: the next trial then
+# waited forever for CPUs). Leaks end with the job, which for `sdf-ray train` is the run itself.
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-DEFAULT_HEALTH_CHECK_S = "0.1"
+FAST_HEALTH_CHECK_S = "0.1"
 
 
-def job_env_vars(gcs_address: str) -> dict[str, str]:
+def job_env_vars(gcs_address: str, *, fast_reports: bool = True) -> dict[str, str]:
     """Environment for every process of the job (Ray Train's controller and workers included).
 
     Under ``ray job submit`` the job's runtime env comes first: Ray refuses a driver that sets a
-    variable the job's runtime env already sets (cluster/runtime_env.yaml sets the health check).
+    variable the job's runtime env already sets.
     """
     env = {"RAY_ADDRESS": gcs_address}
     job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    if HEALTH_CHECK_ENV not in ((job_config.get("runtime_env") or {}).get("env_vars") or {}):
-        env[HEALTH_CHECK_ENV] = os.environ.get(HEALTH_CHECK_ENV, DEFAULT_HEALTH_CHECK_S)
+    if fast_reports and HEALTH_CHECK_ENV not in ((job_config.get("runtime_env") or {}).get("env_vars") or {}):
+        env[HEALTH_CHECK_ENV] = os.environ.get(HEALTH_CHECK_ENV, FAST_HEALTH_CHECK_S)
     return env
 
 
-def connect_ray(address: str | None) -> str:
+def connect_ray(address: str | None, *, fast_reports: bool = True) -> str:
     """Connect to ``address`` / ``RAY_ADDRESS``, else start an embedded local Ray; returns a description.
 
     Every process of the job gets ``RAY_ADDRESS`` = this cluster's GCS address. Ray Train's
@@ -95,6 +98,9 @@ def connect_ray(address: str | None) -> str:
     active Ray instances" when several clusters share a machine, and flood the console with "State API
     may be temporarily unavailable"; or find another cluster's API and clean up a live run's
     placement group. The State API is served by the dashboard, so the embedded Ray keeps it on.
+
+    ``fast_reports``: Ray Train collects reports every 0.1 s instead of 2 s (see HEALTH_CHECK_ENV); off
+    for Tune sweeps.
     """
     import ray
     from ray._private.services import canonicalize_bootstrap_address_or_die
@@ -115,7 +121,7 @@ def connect_ray(address: str | None) -> str:
         _probe(gcs_address)
         try:
             ray.init(address=gcs_address, logging_level=logging.WARNING,
-                     runtime_env={"env_vars": job_env_vars(gcs_address)})
+                     runtime_env={"env_vars": job_env_vars(gcs_address, fast_reports=fast_reports)})
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ClusterError(f"cannot connect to the Ray cluster at {gcs_address}: {first_line(exc)}") from None
         return f"Ray cluster at {gcs_address}"
@@ -129,7 +135,7 @@ def connect_ray(address: str | None) -> str:
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     try:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=not missing, dashboard_host="127.0.0.1",
-                 logging_level=logging.WARNING, runtime_env={"env_vars": job_env_vars(gcs_address)})
+                 logging_level=logging.WARNING, runtime_env={"env_vars": job_env_vars(gcs_address, fast_reports=fast_reports)})
     finally:
         if previous is None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)

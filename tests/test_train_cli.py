@@ -39,6 +39,8 @@ def test_job_env_passes_the_gcs_address_and_a_fast_report_collection(monkeypatch
     monkeypatch.delenv(HEALTH_CHECK_ENV, raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     assert job_env_vars("127.0.0.1:1") == {"RAY_ADDRESS": "127.0.0.1:1", HEALTH_CHECK_ENV: "0.1"}
+    # Tune keeps Ray's default: fast polls let a trial killed by the scheduler leak a placement group.
+    assert job_env_vars("127.0.0.1:1", fast_reports=False) == {"RAY_ADDRESS": "127.0.0.1:1"}
     monkeypatch.setenv(HEALTH_CHECK_ENV, "0.5")  # the user's own choice travels with the job
     assert job_env_vars("127.0.0.1:1")[HEALTH_CHECK_ENV] == "0.5"
     # Inside `ray job submit` whose runtime env already sets it, setting it again would make Ray refuse

@@ -23,7 +23,7 @@ def ray_session():
     from sdf_ray.cli import connect_ray
 
     started_here = not ray.is_initialized()
-    connect_ray(None)
+    connect_ray(None, fast_reports=False)  # as `sdf-ray tune` does
     yield ray
     if started_here:
         ray.shutdown()

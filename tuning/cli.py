@@ -48,7 +48,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = launch.resolve_paths(config_mod.load(args.config, args.overrides))
     spec = search.load(args.search, cfg)
     num_scenes = launch.check_dataset(cfg)
-    where = connect_ray(args.address)
+    where = connect_ray(args.address, fast_reports=False)  # see sdf_ray.cli.HEALTH_CHECK_ENV
     print(f"sdf-ray tune: {name} on {where}", flush=True)
     summary = sweep.run(cfg, spec, name, num_scenes=num_scenes, overwrite=args.overwrite)
     print(sweep.format_table(spec, summary))
