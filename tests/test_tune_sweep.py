@@ -110,3 +110,43 @@ def test_resuming_a_different_sweep_is_refused(ray_session, dataset, tmp_path, c
     code = main(tune_args(dataset, storage))
     err = capsys.readouterr().err
     assert code == 2 and "different config and search" in err and "--overwrite" in err
+
+
+def test_reaper_removes_empty_worker_groups_and_spares_busy_ones_and_trial_bundles(ray_session):
+    """A leaked worker group (CREATED, empty) goes on the second sighting; an occupied one and a Tune
+    trial's own (memory-only) bundle stay."""
+    ray = ray_session
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from tuning.reaper import LeakedPlacementGroupReaper
+    from tuning.sweep import TRAINABLE_RESOURCES
+
+    @ray.remote(num_cpus=0.01)
+    class Worker:
+        def ping(self) -> int:
+            return 1
+
+    leaked = placement_group([{"CPU": 0.01}])
+    busy = placement_group([{"CPU": 0.01}])
+    trial = placement_group([dict(TRAINABLE_RESOURCES)])
+    ray.get([leaked.ready(), busy.ready(), trial.ready()])
+    worker = Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(busy)).remote()
+    assert ray.get(worker.ping.remote()) == 1
+    now = [0.0]
+    reaper = LeakedPlacementGroupReaper(TRAINABLE_RESOURCES, interval_s=10, clock=lambda: now[0])
+    try:
+        assert reaper.reap() == []  # first sighting: a group may be between creation and its actors
+        now[0] = 5.0
+        reaper.on_step(0, [])  # too soon for another pass
+        assert reaper.removed == []
+        now[0] = 11.0
+        reaper.on_step(1, [])
+        assert leaked.id.hex() in reaper.removed
+        assert busy.id.hex() not in reaper.removed and trial.id.hex() not in reaper.removed
+        assert placement_group_table(leaked)["state"] == "REMOVED"
+        assert placement_group_table(busy)["state"] == placement_group_table(trial)["state"] == "CREATED"
+    finally:
+        ray.kill(worker)
+        for pg in (busy, trial):
+            remove_placement_group(pg)

@@ -32,6 +32,7 @@ from sdf_ray import launch
 from sdf_ray.errors import ClusterError, ConfigError
 from sdf_ray.fsutil import write_json_atomic, write_text_atomic
 from sdf_ray.run_files import SUMMARY_FILE
+from tuning.reaper import LeakedPlacementGroupReaper
 from tuning.search import SearchSpec, corner_configs, tune_param_space
 from tuning.stopper import DivergenceStopper, replay
 
@@ -208,7 +209,8 @@ def _make_tuner(cfg: config_mod.TrainConfig, spec: SearchSpec, name: str, sweep_
             search_alg=search_alg, max_concurrent_trials=sweep_plan.max_concurrent_trials,
             trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=name, storage_path=str(directory.parent), stop=stopper,
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1,
+                                  callbacks=[LeakedPlacementGroupReaper(TRAINABLE_RESOURCES)]),
     )
 
 
