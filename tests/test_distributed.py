@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests import dist_worker
+from tests.helpers import assert_bit_identical
 
 pytestmark = pytest.mark.distributed
 
@@ -34,6 +35,13 @@ def run(tmp_path, world, num_steps, injections=(), overrides=None):
     return [torch.load(out / f"r{r}.pt", weights_only=False) for r in range(world)]
 
 
+def assert_replicas_identical_and_finite(results) -> None:
+    """Both ranks end with the same checksum and bit-identical, finite decoder parameters."""
+    assert results[0]["checksum"] == results[1]["checksum"]
+    assert_bit_identical(results[0]["decoder"], results[1]["decoder"])
+    assert all(torch.isfinite(value).all() for value in results[0]["decoder"].values())
+
+
 @pytest.mark.parametrize("site", ["loss", "grad", "latent"])
 def test_nan_on_one_rank_makes_every_rank_skip_and_replicas_stay_identical(tmp_path, site):
     injections = [{"step": 2, "rank": 1, "site": site, "value": "nan"},
@@ -42,10 +50,7 @@ def test_nan_on_one_rank_makes_every_rank_skip_and_replicas_stay_identical(tmp_p
     assert [r["skipped"] for r in results] == [[2, 4], [2, 4]]
     assert results[0]["counters"] == results[1]["counters"]
     assert results[0]["counters"]["skipped_steps"] == 2
-    assert results[0]["checksum"] == results[1]["checksum"]
-    for key, value in results[0]["decoder"].items():
-        assert torch.equal(value, results[1]["decoder"][key]), key
-        assert torch.isfinite(value).all()
+    assert_replicas_identical_and_finite(results)
 
 
 def test_compiled_ddp_with_dropout_skips_together_and_stays_identical(tmp_path):
@@ -53,10 +58,7 @@ def test_compiled_ddp_with_dropout_skips_together_and_stays_identical(tmp_path):
     injections = [{"step": 2, "rank": 1, "site": "loss", "value": "nan"}]
     results = run(tmp_path, 2, 4, injections, {"model.compile": True, "model.dropout": 0.2})
     assert [r["skipped"] for r in results] == [[2], [2]]
-    assert results[0]["checksum"] == results[1]["checksum"]
-    for key, value in results[0]["decoder"].items():
-        assert torch.equal(value, results[1]["decoder"][key]), key
-        assert torch.isfinite(value).all()
+    assert_replicas_identical_and_finite(results)
 
 
 def test_without_the_vote_a_rank_local_nan_desynchronises_replicas(tmp_path):
