@@ -27,7 +27,8 @@ from sdf_ray.dist import LocalCollectives
 from sdf_ray.errors import UserError
 from sdf_ray.loss import sdf_loss
 from sdf_ray.model import DeepSDFDecoder, flops_per_sample
-from sdf_ray.train_loop import build_state, configure_precision, train_step
+from sdf_ray.train_loop import train_step
+from sdf_ray.train_state import build_state, configure_precision
 
 # Points held per synthetic scene. The sampler draws with replacement, so a step costs the same whatever
 # this is; keeping it small lets the bench hold 100,000 scenes (the 1k-vs-100k comparison) in memory.

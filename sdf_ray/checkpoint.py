@@ -9,22 +9,18 @@ lets any rank roll back, and a restart with another world size re-shard it.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from sdf_ray.data.sampler import mix_seed, shard_scene_ids
+from sdf_ray.data.sampler import shard_scene_ids
 from sdf_ray.errors import DataError
-
-if TYPE_CHECKING:
-    from sdf_ray.train_loop import TrainState
+from sdf_ray.fsutil import atomic_file
+from sdf_ray.train_state import TrainState, seed_dropout_rng
 
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
-DROPOUT_STREAM = 0xD0  # keeps dropout seeds apart from the sampler's, which mix the same (seed, rank, step)
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -100,9 +96,12 @@ def restore_snapshot(state: TrainState, snap: dict[str, Any], *, restore_rng: bo
         seed_dropout_rng(state.cfg.data.seed, state.coll.rank, state.step)
 
 
-def seed_dropout_rng(seed: int, rank: int, step: int) -> None:
-    """Each rank's dropout stream (torch's global RNG), a function of (seed, rank, step)."""
-    torch.manual_seed(mix_seed(seed, rank, step, DROPOUT_STREAM))
+def resume(state: TrainState, snap: dict[str, Any]) -> None:
+    """Continue a run from its snapshot: :func:`restore_snapshot` plus the guard's history (rollbacks and
+    counters), which a rollback keeps but a restart must bring back."""
+    restore_snapshot(state, snap)
+    state.escalation.rollbacks = int(snap["rollbacks"])
+    state.counters.load(snap["guard_counters"])
 
 
 def replica_checksum(state: TrainState, snap: dict[str, Any]) -> str:
@@ -125,15 +124,18 @@ def replica_checksum(state: TrainState, snap: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
+def replica_checksums(state: TrainState) -> list[str]:
+    """Collective: every rank's :func:`replica_checksum`, in rank order (all equal unless replicas drifted)."""
+    return state.coll.all_gather_object(replica_checksum(state, take_snapshot(state)))
+
+
 def save(snap: dict[str, Any], directory: str | Path) -> Path:
     """Write atomically (temp file + rename) into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".tmp")
-    os.close(fd)
-    torch.save(snap, tmp)
     final = directory / STATE_FILE
-    os.replace(tmp, final)
+    with atomic_file(final) as tmp:
+        torch.save(snap, tmp)
     return final
 
 

@@ -1,13 +1,15 @@
-"""The few collectives sdf-ray uses, behind a small protocol.
+"""The few collectives sdf-ray uses, behind a small protocol, with a real, a single-process and a fake backend.
 
 ``LocalCollectives`` is the single-process implementation (unit tests, 1 worker); ``TorchCollectives``
-uses the default ``torch.distributed`` process group that Ray Train sets up (NCCL on GPU, gloo on CPU).
+uses the default ``torch.distributed`` process group that Ray Train sets up (NCCL on GPU, gloo on CPU);
+``FakeCollectives`` plays one rank of a simulated world in a single process (tests).
 Every call here is a sync point between ranks: callers must make the same calls in the same order on
 every rank, whatever their local data looked like.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -42,6 +44,43 @@ class LocalCollectives:
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return [obj]
+
+
+class FakeCollectives:
+    """Rank ``rank`` of a simulated world of ``world_size`` ranks, in one process (fairseq2's ``FakeGang`` idea).
+
+    Every other rank mirrors this one (it holds the same tensor or object, as after an identical step) unless
+    ``peers`` scripts it: ``peers[r][i]`` is what rank ``r`` adds to this process's ``i``-th
+    ``all_reduce_sum_`` (``None``, or a list that ran out: it mirrors). "Rank 1 of 2 sees rank 0's bad vote"::
+
+        FakeCollectives(rank=1, world_size=2, peers={0: [torch.tensor([0.0, 1.0])]})
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1,
+                 peers: Mapping[int, Sequence[torch.Tensor | None]] | None = None) -> None:
+        peers = dict(peers or {})
+        assert 0 <= rank < world_size, f"rank {rank} is not in a world of {world_size}"
+        assert all(0 <= r < world_size and r != rank for r in peers), f"peers {sorted(peers)} are not other ranks"
+        self.rank = rank
+        self.world_size = world_size
+        self.peers = peers
+        self.num_all_reduces = 0
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        local = tensor.clone()
+        for r in range(self.world_size):
+            if r == self.rank:
+                continue
+            script = self.peers.get(r, ())
+            given = script[self.num_all_reduces] if self.num_all_reduces < len(script) else None
+            tensor.add_(local if given is None else given.to(tensor))
+        self.num_all_reduces += 1
+
+    def all_gather_rows(self, tensor_NX: torch.Tensor) -> list[torch.Tensor]:
+        return [tensor_NX.clone() for _ in range(self.world_size)]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj] * self.world_size
 
 
 class TorchCollectives:

@@ -99,6 +99,7 @@ def materialise_adam_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 COUNTER_NAMES = ("skipped_steps", "consecutive_skips", "steps", "clipped_steps", "longest_skip_streak")
+_CONSECUTIVE, _LONGEST = COUNTER_NAMES.index("consecutive_skips"), COUNTER_NAMES.index("longest_skip_streak")
 
 
 class GuardCounters:
@@ -114,16 +115,25 @@ class GuardCounters:
         self.values.add_(torch.stack([bad, zero, torch.ones_like(bad), clipped, zero]))
         # consecutive = (consecutive + 1) if bad else 0; and the longest streak since the host last looked,
         # so that a streak ending between two logging intervals still escalates.
-        self.values[1] = (self.values[1] + bad) * bad
-        self.values[4] = torch.maximum(self.values[4], self.values[1])
+        self.values[_CONSECUTIVE] = (self.values[_CONSECUTIVE] + bad) * bad
+        self.values[_LONGEST] = torch.maximum(self.values[_LONGEST], self.values[_CONSECUTIVE])
 
     def start_interval_(self) -> None:
         """After the host read the counters: the next interval's longest streak starts from the current one."""
-        self.values[4] = self.values[1]
+        self.values[_LONGEST] = self.values[_CONSECUTIVE]
+
+    def reset_consecutive_(self) -> None:
+        """After a rollback: the restored state starts a fresh streak (the totals keep the skipped steps)."""
+        self.values[_CONSECUTIVE] = 0
 
     def read(self) -> dict[str, int]:
         """Host sync: call once per logging interval."""
         return dict(zip(COUNTER_NAMES, (int(v) for v in self.values.tolist())))
+
+    def read_with(self, extra: torch.Tensor) -> tuple[list[float], dict[str, int]]:
+        """Like :meth:`read`, and ``extra`` (a 1-d float64 device tensor) comes back in the same host sync."""
+        values = torch.cat([extra, self.values.double()]).tolist()
+        return values[: extra.numel()], dict(zip(COUNTER_NAMES, map(int, values[extra.numel():])))
 
     def load(self, values: list[int]) -> None:
         self.values.copy_(torch.tensor(values, dtype=torch.int64))

@@ -1,4 +1,5 @@
-"""Learning-rate schedules, evaluated per epoch on the host (no device work)."""
+"""Learning-rate schedules: each parameter group's rate per epoch, on the host (the step cadence is in
+``run_schedule.py``)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from sdf_ray import checkpoint as ckpt
 from sdf_ray.config import InjectConfig
 from sdf_ray.dist import LocalCollectives, TorchCollectives
-from sdf_ray.train_loop import build_state, train_step
+from sdf_ray.train_loop import train_step
+from sdf_ray.train_state import build_state
 from tests.helpers import tiny_config
 
 NUM_SCENES = 4

@@ -7,11 +7,19 @@ from typing import Any
 import torch
 
 from sdf_ray import config as C
+from sdf_ray.dist import LocalCollectives
+from sdf_ray.train_state import TrainState, build_state
 
 
 def tiny_config(**overrides: Any) -> C.TrainConfig:
     """The packaged tiny config with dotted-key overrides applied and validated."""
     return C.apply_overrides(C.load(C.packaged_config("tiny")), overrides)
+
+
+def single_process_state(num_scenes: int, **overrides: Any) -> tuple[C.TrainConfig, TrainState]:
+    """The tiny config (1 worker, ``overrides`` applied) and its freshly built state on the CPU."""
+    cfg = tiny_config(**{"scaling.num_workers": 1, **overrides})
+    return cfg, build_state(cfg, LocalCollectives(), torch.device("cpu"), num_scenes)
 
 
 def fake_batch(cfg: C.TrainConfig, num_scenes_local: int, seed: int = 0, scenes: int | None = None):

@@ -10,7 +10,8 @@ import torch
 from sdf_ray import config as C
 from sdf_ray.config import InjectConfig
 from sdf_ray.dist import LocalCollectives
-from sdf_ray.train_loop import build_state, train_step
+from sdf_ray.train_loop import train_step
+from sdf_ray.train_state import build_state
 from tests.helpers import assert_bit_identical, fake_batch, state_tensors, tiny_config
 
 pytestmark = pytest.mark.gpu

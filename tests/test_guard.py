@@ -1,4 +1,4 @@
-"""The guard's decisions with the single-process collectives (and a stub for a remote rank)."""
+"""The guard's decisions with the single-process collectives, and with a fake rank k of n for remote votes."""
 
 from __future__ import annotations
 
@@ -8,17 +8,16 @@ import pytest
 import torch
 
 from sdf_ray.config import GuardConfig, InjectConfig
-from sdf_ray.dist import LocalCollectives
+from sdf_ray.dist import FakeCollectives, LocalCollectives
 from sdf_ray.guard import Escalation, GuardCounters, vote_and_clip
-from sdf_ray.train_loop import build_state, train_step
-from tests.helpers import assert_bit_identical, fake_batch, state_tensors, tiny_config
+from sdf_ray.train_loop import train_step
+from tests.helpers import assert_bit_identical, fake_batch, single_process_state, state_tensors, tiny_config
 
 NUM_SCENES = 8
 
 
 def make_state(**overrides):
-    cfg = tiny_config(**{"scaling.num_workers": 1, **overrides})
-    return cfg, build_state(cfg, LocalCollectives(), torch.device("cpu"), NUM_SCENES)
+    return single_process_state(NUM_SCENES, **overrides)
 
 
 def test_clean_step_updates_every_parameter_group():
@@ -92,24 +91,35 @@ def test_grad_clip_zero_disables_clipping():
     assert total == pytest.approx(verdict.grad_norm.item(), rel=1e-5)
 
 
-class RemoteRankVotesBad(LocalCollectives):
-    """Pretends to be rank 0 of 2 where rank 1 saw a NaN: adds rank 1's vote to every all-reduce."""
-
-    world_size = 2
-
-    def all_reduce_sum_(self, tensor):
-        tensor[1] += 1.0  # [latent_sq, vote]: rank 1 contributes a finite norm and a bad flag
-
-
 def test_a_remote_ranks_vote_skips_a_locally_clean_step():
     ok = torch.zeros((), dtype=torch.bool)
-    verdict = vote_and_clip([torch.ones(3)], [torch.ones(2)], ok, RemoteRankVotesBad(), 1.0)
+    # rank 0 of 2, where rank 1 saw a NaN: [latent_sq, vote] = a finite (zero) latent share and a bad flag
+    rank1_votes_bad = FakeCollectives(rank=0, world_size=2, peers={1: [torch.tensor([0.0, 1.0])]})
+    verdict = vote_and_clip([torch.ones(3)], [torch.ones(2)], ok, rank1_votes_bad, 1.0)
     assert bool(verdict.bad)
     decoder, latent = [torch.ones(3)], [torch.ones(2)]
     verdict = vote_and_clip(decoder, latent, ok, LocalCollectives(), 1.0)
     assert not bool(verdict.bad)
     assert verdict.grad_norm.item() == pytest.approx(math.sqrt(5))
     assert decoder[0][0].item() == pytest.approx(1 / math.sqrt(5), rel=1e-5)  # clipped to norm 1
+
+
+def test_rank_1_of_2_skips_on_rank_0s_non_finite_latent_norm():
+    """A NaN in rank 0's latent gradients reaches rank 1 only through the summed norm: rank 1 must skip too."""
+    ok = torch.zeros((), dtype=torch.bool)
+    coll = FakeCollectives(rank=1, world_size=2, peers={0: [torch.tensor([math.nan, 0.0])]})
+    decoder, latent = [torch.ones(3)], [torch.ones(2)]
+    verdict = vote_and_clip(decoder, latent, ok, coll, 0.0)
+    assert bool(verdict.bad) and math.isnan(verdict.grad_norm.item())
+    assert coll.num_all_reduces == 1  # one collective carries both the norm and the vote
+
+
+def test_every_ranks_latent_share_counts_in_the_global_norm():
+    ok = torch.zeros((), dtype=torch.bool)
+    # both ranks hold the same clean gradients (the fake's default): 3 (decoder, once) + 2 x 2 (latents)
+    verdict = vote_and_clip([torch.ones(3)], [torch.ones(2)], ok, FakeCollectives(rank=1, world_size=2), 0.0)
+    assert not bool(verdict.bad)
+    assert verdict.grad_norm.item() == pytest.approx(math.sqrt(7))
 
 
 def test_train_step_makes_no_host_sync(monkeypatch):
@@ -126,6 +136,17 @@ def test_train_step_makes_no_host_sync(monkeypatch):
     inj = InjectConfig(step=0, rank=0, site="grad", value="nan")
     train_step(state, *batch, reg_weight=1e-4, injections=[inj])
     train_step(state, *batch, reg_weight=1e-4)
+
+
+def test_resetting_the_streak_keeps_the_totals():
+    from sdf_ray.guard import StepVerdict
+
+    counters = GuardCounters(torch.device("cpu"))
+    for _ in range(3):
+        counters.update_(StepVerdict(bad=torch.tensor(True), grad_norm=torch.tensor(0.5)), grad_clip=1.0)
+    counters.reset_consecutive_()
+    assert counters.read() == {"skipped_steps": 3, "consecutive_skips": 0, "steps": 3, "clipped_steps": 0,
+                               "longest_skip_streak": 3}
 
 
 def test_counters_track_consecutive_and_total_skips():
