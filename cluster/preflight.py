@@ -22,7 +22,7 @@ from pathlib import Path
 # built with client_max_size=ray_constants.DASHBOARD_CLIENT_MAX_SIZE (100 MiB in
 # Ray 2.60); anything larger is rejected with HTTP 413.
 DEFAULT_MAX_UPLOAD_MIB = 100
-SHARED_PREFIXES = ("/mnt/", "s3://", "gs://", "gcs://", "abfs://", "abfss://", "az://", "hdfs://")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def fail(msg: str) -> int:
@@ -186,8 +186,17 @@ def _storage_path(entrypoint: list[str], working_dir: str) -> tuple[str | None, 
     return sp, gpu, data_path
 
 
+def _storage_kind(path: str) -> str:
+    """sdf_ray.launch's storage policy (stdlib only, like this script), so this check and the run agree."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from sdf_ray.launch import storage_kind
+
+    return storage_kind(path)
+
+
 def cmd_storage(a: argparse.Namespace) -> int:
-    """Warn (never fail) when checkpoints would land on node-local disk of a multi-node run."""
+    """Warn (never fail) when checkpoints would land on node-local disk of a multi-node run, or on a URI."""
     sp, use_gpu, data_path = _storage_path(a.entrypoint, a.working_dir)
     if "train" not in a.entrypoint and "tune" not in a.entrypoint:
         return 0
@@ -200,27 +209,41 @@ def cmd_storage(a: argparse.Namespace) -> int:
             nodes = len(data.get("hostNameList", data.get("host_name_list", [])))
     except Exception:  # noqa: BLE001 - a warning helper must not break submission
         pass
-    shared = sp is not None and str(sp).startswith(SHARED_PREFIXES)
+    kind = _storage_kind(str(sp)) if sp is not None else None
     if sp is None:
         where = "default (local) storage"
-    elif not os.path.isabs(str(sp)) and "://" not in str(sp):
+    elif kind == "relative":
         where = f"relative path {sp!r} (resolved per node inside the job's working dir)"
     else:
         where = f"{sp!r}"
+    if kind == "uri":
+        print(
+            f"submit.sh: warning: checkpoint.storage_path is a URI ({sp!r}); sdf-ray refuses it (exit 2): it writes "
+            "its run files beside the checkpoints, so use a filesystem path on shared storage, "
+            "e.g. --set checkpoint.storage_path=/mnt/shared/runs",
+            file=sys.stderr,
+        )
     # GPU runs never land on the CPU head, so they are multi-node even if only
     # the head is up right now (the autoscaler adds the GPU nodes).
-    if not shared and (nodes > 1 or use_gpu):
+    elif kind != "shared" and (nodes > 1 or use_gpu):
         print(
             f"submit.sh: warning: checkpoint.storage_path is {where} but the run spans several nodes "
             f"({nodes} alive now{', GPU workers autoscale' if use_gpu else ''}); use shared storage, "
             "e.g. --set checkpoint.storage_path=/mnt/shared/runs",
             file=sys.stderr,
         )
-    if data_path is not None and not str(data_path).startswith(SHARED_PREFIXES) and not os.path.isabs(str(data_path)):
+    data_kind = _storage_kind(str(data_path)) if data_path is not None else None
+    if data_kind == "relative":
         print(
             f"submit.sh: warning: data.path is relative ({data_path!r}); dataset dirs are not uploaded with the "
             "working dir (/data/ is excluded), put the dataset on shared storage and pass e.g. "
             "--set data.path=/mnt/shared/data/deepsdf",
+            file=sys.stderr,
+        )
+    elif data_kind == "uri":
+        print(
+            f"submit.sh: warning: data.path is a URI ({data_path!r}); sdf-ray reads datasets from a filesystem "
+            "path: put the dataset on shared storage and pass e.g. --set data.path=/mnt/shared/data/deepsdf",
             file=sys.stderr,
         )
     return 0

@@ -1,6 +1,19 @@
-"""User-facing error types. Each prints as one line and maps to exit code 2 in the CLI."""
+"""User-facing error types and the exit codes of every ``sdf-ray`` command.
+
+A ``UserError`` prints as one line and exits with ``EXIT_USER``; anything else is a bug (a traceback, exit 1).
+"""
 
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+"""A failed run, or a bug (with a traceback)."""
+EXIT_USER = 2
+"""A ``UserError``: one line, no traceback."""
+EXIT_DIVERGED = 3
+"""Training diverged (the guard gave up), or every trial of a sweep did."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C, or a sweep interrupted with trials unfinished (re-run the command to resume)."""
 
 
 def first_line(exc: BaseException) -> str:

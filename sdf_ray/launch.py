@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sdf_ray.config import TrainConfig, to_dict, to_yaml, yaml_load
 from sdf_ray.errors import ClusterError, ConfigError, DataError, UserError, first_line
@@ -17,20 +18,54 @@ from sdf_ray.run_files import RESOLVED_CONFIG_FILE, SUMMARY_FILE, WORKER_GROUP_S
 RESUMABLE_CHANGES = ("scaling.", "logging.", "debug.", "checkpoint.", "optim.num_epochs")
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
+# ---------------------------------------------------------------------------------------------
+# Storage policy: `sdf-ray train`/`tune` here and cluster/preflight.py (before `ray job submit`) both ask it.
+
+SHARED_MOUNTS = ("/mnt/",)
+"""Where ray_cluster.yaml and the KubeRay manifests mount the volume every node shares (EFS, ReadWriteMany)."""
+
+StorageKind = Literal["uri", "relative", "shared", "local"]
+
+
+def storage_kind(path: str) -> StorageKind:
+    """How a storage path behaves on a cluster.
+
+    ``uri``: refused. sdf-ray needs a filesystem path: rank 0 writes metrics.jsonl, TensorBoard events and
+    summary.json beside Ray's checkpoints, which an object-store URI cannot hold as files, and datasets are
+    read as local files. ``relative``: resolved in each process's working directory (under ``ray job
+    submit``, the job's node-local copy of the working dir). ``shared``: below a shared mount. ``local``:
+    another absolute path, which a multi-node cluster may not share.
+    """
+    if "://" in path:
+        return "uri"
+    if not os.path.isabs(path):
+        return "relative"
+    return "shared" if path.startswith(SHARED_MOUNTS) else "local"
+
+
+def check_storage_path(path: str) -> None:
+    """``ConfigError`` for a ``checkpoint.storage_path`` that is a URI (see :func:`storage_kind`)."""
+    if storage_kind(path) == "uri":
+        raise ConfigError(f"`checkpoint.storage_path`: {path} is a URI; use a filesystem path (a shared NFS "
+                          f"mount on multi-node clusters)")
+
+
+def storage_warning(storage_path: str, num_nodes: int) -> str | None:
+    """A warning when a multi-node cluster would write checkpoints to a path that may not be shared."""
+    if num_nodes <= 1 or storage_kind(storage_path) == "shared":
+        return None
+    return (f"checkpoint.storage_path {storage_path} is a local path and the cluster has {num_nodes} nodes: unless "
+            f"it is shared storage (NFS) mounted at the same path on every node, checkpoints will not be shared "
+            f"and a restarted worker group cannot resume (set checkpoint.storage_path to a shared mount)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver-side checks
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Absolute local paths: Ray workers run in another working directory.
-
-    ``checkpoint.storage_path`` must be a filesystem path (local, or a shared mount such as NFS on a
-    multi-node cluster): rank 0 writes metrics.jsonl, TensorBoard events and summary.json beside Ray's
-    checkpoints, which an object-store URI cannot hold as files.
-    """
-    if is_uri(cfg.checkpoint.storage_path):
-        raise ConfigError(f"`checkpoint.storage_path`: {cfg.checkpoint.storage_path} is a URI; use a filesystem "
-                          f"path (a shared NFS mount on multi-node clusters)")
+    """Absolute local paths: Ray workers run in another working directory. A URI is refused."""
+    check_storage_path(cfg.checkpoint.storage_path)
     data = dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).expanduser().resolve()))
     storage = str(Path(cfg.checkpoint.storage_path).expanduser().resolve())
     return dataclasses.replace(cfg, data=data, checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=storage))
@@ -101,6 +136,12 @@ def read_summary(cfg: TrainConfig) -> dict[str, Any] | None:
     return result
 
 
+def num_alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
 def check_cluster_resources(cfg: TrainConfig) -> None:
     """Fail fast when the cluster can never provide the workers asked for (autoscaling clusters aside)."""
     import ray
@@ -109,25 +150,15 @@ def check_cluster_resources(cfg: TrainConfig) -> None:
     s = cfg.scaling
     cpus_needed = s.num_workers * s.cpus_per_worker
     have_cpus, have_gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    exists = f"the cluster has {len(nodes)} node(s), {have_cpus:g} CPU(s), {have_gpus:g} GPU(s)"
+    num_nodes = num_alive_nodes()
+    exists = f"the cluster has {num_nodes} node(s), {have_cpus:g} CPU(s), {have_gpus:g} GPU(s)"
     if s.use_gpu and have_gpus < s.num_workers:
         raise ClusterError(f"scaling.num_workers={s.num_workers} with use_gpu needs {s.num_workers} GPUs; {exists}")
     if cpus_needed > have_cpus:
         raise ClusterError(f"scaling.num_workers={s.num_workers} x cpus_per_worker={s.cpus_per_worker:g} needs "
                            f"{cpus_needed:g} CPUs; {exists}")
-    if s.placement_strategy == "STRICT_SPREAD" and len(nodes) < s.num_workers:
+    if s.placement_strategy == "STRICT_SPREAD" and num_nodes < s.num_workers:
         raise ClusterError(f"placement_strategy STRICT_SPREAD needs {s.num_workers} nodes; {exists}")
-
-
-def storage_warning(cfg: TrainConfig, num_nodes: int) -> str | None:
-    """A warning when a multi-node cluster would write checkpoints to a path that may not be shared."""
-    storage = cfg.checkpoint.storage_path
-    if num_nodes <= 1:
-        return None
-    return (f"checkpoint.storage_path {storage} is a local path and the cluster has {num_nodes} nodes: unless it is "
-            f"shared storage (NFS) mounted at the same path on every node, checkpoints will not be shared and a "
-            f"restarted worker group cannot resume (set checkpoint.storage_path to a shared mount)")
 
 
 def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> Any:
@@ -155,7 +186,6 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> An
             logging_config=LoggingConfig(log_level="INFO" if cfg.logging.level == "DEBUG" else "WARNING"),
         ),
     )
-
 
 
 def _find_user_error(exc: BaseException) -> UserError | None:

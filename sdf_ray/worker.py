@@ -21,6 +21,7 @@ from sdf_ray import checkpoint as ckpt
 from sdf_ray.config import from_dict, to_yaml
 from sdf_ray.dist import default_collectives
 from sdf_ray.fsutil import write_json_atomic, write_text_atomic
+from sdf_ray.ray_session import quiet_train_report_log
 from sdf_ray.run_files import RESOLVED_CONFIG_FILE, SUMMARY_FILE, WORKER_GROUP_STARTS_FILE
 from sdf_ray.train_loop import run_training
 
@@ -33,17 +34,9 @@ def count_worker_group_start(run_dir: Path) -> int:
     return starts - 1
 
 
-def _quiet_ray_train_report_log() -> None:
-    """Ray Train V2 logs every report (the whole metrics dict) at INFO from a logger named after its
-    file path, outside the ``ray.train`` hierarchy that ``RunConfig(logging_config=...)`` controls."""
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-
-
 def _setup_logging(level: str, rank: int) -> None:
     if level != "DEBUG":
-        _quiet_ray_train_report_log()
+        quiet_train_report_log()
     logger = logging.getLogger("sdf_ray")
     logger.setLevel(level if rank == 0 else "WARNING")
     if not any(getattr(h, "_sdf_ray", False) for h in logger.handlers):

@@ -17,7 +17,7 @@ def ray_session() -> Iterator[None]:
     """An embedded local Ray (2 CPUs, 127.0.0.1 only) shared by a test module, shut down after it."""
     import ray
 
-    from sdf_ray.cli import connect_ray
+    from sdf_ray.ray_session import connect_ray
 
     if ray.is_initialized():
         ray.shutdown()

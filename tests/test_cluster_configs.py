@@ -156,17 +156,48 @@ def test_runtime_env_excludes_heavy_dirs_but_not_the_package(runtime_env):
         assert not excluded(REPO / keep), keep
 
 
-def test_working_dir_upload_is_small():
+def _preflight():
     sys.path.insert(0, str(REPO / "cluster"))
     try:
         import preflight
     finally:
         sys.path.pop(0)
+    return preflight
+
+
+def test_working_dir_upload_is_small():
+    preflight = _preflight()
     total, files = preflight.upload_size(str(REPO), str(RUNTIME_ENV))
     names = {n for _, n in files}
     assert "pyproject.toml" in names
     assert not any(n.startswith((".venv/", ".git/", "data/", "runs/")) for n in names)
     assert total < preflight.DEFAULT_MAX_UPLOAD_MIB * 1024**2
+
+
+def test_preflight_storage_check_agrees_with_the_run(capsys):
+    """submit.sh warns exactly where `sdf-ray train` refuses (a URI) or warns (node-local storage, several nodes)."""
+    import argparse
+
+    from sdf_ray.errors import ConfigError
+    from sdf_ray.launch import check_storage_path, storage_warning
+
+    preflight = _preflight()
+
+    def warnings_for(storage: str) -> str:
+        entrypoint = ["sdf-ray", "train", "--config", "sdf_ray/configs/tiny.yaml",
+                      "--set", f"checkpoint.storage_path={storage}", "--set", "scaling.use_gpu=true"]
+        args = argparse.Namespace(entrypoint=entrypoint, working_dir=str(REPO), address="http://127.0.0.1:1",
+                                  timeout=0.2)
+        assert preflight.cmd_storage(args) == 0
+        return capsys.readouterr().err
+
+    assert "is a URI" in warnings_for("s3://bucket/runs")
+    with pytest.raises(ConfigError, match="is a URI"):
+        check_storage_path("s3://bucket/runs")
+    assert "checkpoint.storage_path" not in warnings_for("/mnt/shared/runs")
+    assert storage_warning("/mnt/shared/runs", 3) is None
+    assert "spans several nodes" in warnings_for("/tmp/runs")
+    assert storage_warning("/tmp/runs", 3) is not None
 
 
 # --------------------------------------------------------------------------- kuberay

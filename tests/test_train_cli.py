@@ -34,7 +34,7 @@ def test_unreachable_address_is_a_one_line_error(tmp_path, capsys):
 def test_job_env_passes_the_gcs_address_and_a_fast_report_collection(monkeypatch):
     import json
 
-    from sdf_ray.cli import HEALTH_CHECK_ENV, job_env_vars
+    from sdf_ray.ray_session import HEALTH_CHECK_ENV, job_env_vars
 
     monkeypatch.delenv(HEALTH_CHECK_ENV, raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)

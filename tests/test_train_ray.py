@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from sdf_ray.cli import EXIT_DIVERGED, main
+from sdf_ray.cli import main
 from sdf_ray.config import packaged_config
+from sdf_ray.errors import EXIT_DIVERGED
 from sdf_ray.metrics_log import read_metrics
 
 pytestmark = pytest.mark.ray

@@ -20,7 +20,7 @@ NAME = "tiny-sweep"
 @pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")
-    from sdf_ray.cli import connect_ray
+    from sdf_ray.ray_session import connect_ray
 
     started_here = not ray.is_initialized()
     connect_ray(None, fast_reports=False)  # as `sdf-ray tune` does
@@ -119,8 +119,8 @@ def test_reaper_removes_empty_worker_groups_and_spares_busy_ones_and_trial_bundl
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from tuning.planning import TRAINABLE_RESOURCES
     from tuning.reaper import LeakedPlacementGroupReaper
-    from tuning.sweep import TRAINABLE_RESOURCES
 
     @ray.remote(num_cpus=0.01)
     class Worker:

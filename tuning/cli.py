@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sdf_ray.errors import ConfigError
+from sdf_ray.config_args import add_config_args, load_config
+from sdf_ray.errors import EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
 
-EXIT_OK, EXIT_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 3, 130
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -24,10 +24,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                     "config and trains with Ray Train; diverging trials are stopped at once, ASHA stops slow ones. "
                     "Writes trials.csv, best_config.yaml and tune_summary.json under "
                     "<checkpoint.storage_path>/<name>/. Re-running the same command resumes an interrupted sweep.")
-    p.add_argument("--config", required=True, help="training config YAML")
+    add_config_args(p)
     p.add_argument("--search", required=True, metavar="SEARCH.yaml", help="search file (space, scheduler, ...)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one training-config value (YAML-parsed), repeatable")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--name", help="sweep name: the directory under checkpoint.storage_path (default: the search "
                                   "file's stem)")
@@ -37,21 +35,21 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from sdf_ray import config as config_mod
     from sdf_ray import launch
-    from sdf_ray.cli import connect_ray
-    from tuning import search, sweep
+    from sdf_ray.ray_session import connect_ray
+    from tuning import outputs, search, sweep
 
     name = args.name or Path(args.search).stem
     if not _NAME.match(name) or name in (".", ".."):
         raise ConfigError(f"--name {name!r}: must be a plain directory name (letters, digits, . _ -)")
-    cfg = launch.resolve_paths(config_mod.load(args.config, args.overrides))
+    cfg = launch.resolve_paths(load_config(args))
     spec = search.load(args.search, cfg)
     num_scenes = launch.check_dataset(cfg)
-    where = connect_ray(args.address, fast_reports=False)  # see sdf_ray.cli.HEALTH_CHECK_ENV
+    # Ray Train's default health check: see sdf_ray.ray_session.HEALTH_CHECK_ENV and tuning/reaper.py.
+    where = connect_ray(args.address, fast_reports=False)
     print(f"sdf-ray tune: {name} on {where}", flush=True)
     summary = sweep.run(cfg, spec, name, num_scenes=num_scenes, overwrite=args.overwrite)
-    print(sweep.format_table(spec, summary))
+    print(outputs.format_table(spec, summary))
     if summary["status_counts"].get("unfinished"):
         print(f"sdf-ray tune: interrupted with {summary['status_counts']['unfinished']} trial(s) unfinished; "
               "re-run the same command to resume")

@@ -24,23 +24,29 @@ SKIP_FRACTION_KEY = "guard/skip_fraction"
 DIVERGED_KEY = "diverged"
 
 
-def _number(value: Any) -> float | None:
+def as_float(value: Any) -> float | None:
+    """A reported value as a float (``inf``/NaN included), or None when it is missing or not a number."""
     try:
-        number = float(value)
+        return float(value)
     except (TypeError, ValueError):
         return None
-    return number
+
+
+def finite_float(value: Any) -> float | None:
+    """A reported value as a finite float, or None (missing, not a number, inf or NaN)."""
+    number = as_float(value)
+    return number if number is not None and math.isfinite(number) else None
 
 
 def divergence_reason(result: Mapping[str, Any], best_loss: float | None, spec: DivergenceSpec) -> str | None:
     """Why this report shows a diverging trial, or None. ``best_loss``: the best finite loss of earlier reports."""
-    diverged = _number(result.get(DIVERGED_KEY))
+    diverged = as_float(result.get(DIVERGED_KEY))
     if diverged is not None and diverged >= 1:
         return "the trainer's guard gave up (diverged=1)"
-    loss = _number(result.get(LOSS_KEY))
+    loss = as_float(result.get(LOSS_KEY))
     if loss is not None and not math.isfinite(loss):
         return f"non-finite loss ({loss}) at step {result.get('train/step')}"
-    skip = _number(result.get(SKIP_FRACTION_KEY))
+    skip = as_float(result.get(SKIP_FRACTION_KEY))
     if spec.max_skip_fraction is not None and skip is not None and skip > spec.max_skip_fraction:
         return (f"skip fraction {skip:.2f} > divergence.max_skip_fraction={spec.max_skip_fraction:g} "
                 f"at step {result.get('train/step')}")
@@ -52,8 +58,8 @@ def divergence_reason(result: Mapping[str, Any], best_loss: float | None, spec: 
 
 
 def _better_best(best: float | None, result: Mapping[str, Any]) -> float | None:
-    loss = _number(result.get(LOSS_KEY))
-    if loss is None or not math.isfinite(loss):
+    loss = finite_float(result.get(LOSS_KEY))
+    if loss is None:
         return best
     return loss if best is None else min(best, loss)
 

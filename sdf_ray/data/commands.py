@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdf_ray.errors import DataError, UserError
+from sdf_ray.errors import EXIT_OK, DataError, UserError
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -63,7 +63,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     manifest = synth_dataset(args.out, args.num_scenes, args.samples_per_scene, args.seed, overwrite=args.overwrite)
     print(_summary("wrote", manifest, args.out, time.perf_counter() - t0))
-    return 0
+    return EXIT_OK
 
 
 def cmd_import_deepsdf(args: argparse.Namespace) -> int:
@@ -78,7 +78,7 @@ def cmd_import_deepsdf(args: argparse.Namespace) -> int:
     if manifest.dropped_nan_rows:
         line += f"; dropped {manifest.dropped_nan_rows:,} rows with NaN"
     print(line)
-    return 0
+    return EXIT_OK
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -87,4 +87,4 @@ def cmd_info(args: argparse.Namespace) -> int:
     if not args.path:
         raise DataError("dataset path must not be empty")
     print(format_info(dataset_info(args.path)))
-    return 0
+    return EXIT_OK

@@ -1,0 +1,191 @@
+"""The Ray session: connect to a cluster (or start an embedded local Ray), give every process of the job
+the environment it needs, and keep each workaround for Ray's behaviour in one place.
+
+This is the only module that calls ``ray.init`` or reaches into Ray's private API (``ray._private``,
+``ray._raylet``, ``ray.train.v2._internal``, Tune's private attributes); a test asserts both. It imports
+Ray lazily, so the CLI can report a user error before Ray is loaded.
+
+Each workaround below is marked ``Workaround:`` with the Ray issue behind it (or, where there is none, what
+was observed on which Ray version) and ``Delete when:`` the condition under which it can go. The placement
+groups that Ray Train leaks when Tune stops a trial are reaped by a Tune callback of its own,
+``tuning/reaper.py``, documented the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from typing import Any
+
+from sdf_ray.errors import ClusterError, first_line
+
+log = logging.getLogger("sdf_ray")
+
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+FAST_HEALTH_CHECK_S = "0.1"
+# Workaround: report collection. Ray Train V2 workers hand each ``ray.train.report`` to a queue of size 1
+# (``ray/train/v2/_internal/execution/context.py``) that the controller drains once per health check,
+# every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s by default): a worker that reports more often than that
+# blocks in report. Measured on an H200 with Ray 2.60: logging every 40 steps (1.3 s) held training to one
+# interval per 2 s, 20.9 M instead of 31.6 M samples/s. Polling 10x a second costs one small RPC per worker
+# per poll. No Ray issue found; the size-1 queue is deliberate (ray-project/ray PR #55637 left a TODO to
+# measure the time a report waits).
+# Not for Tune (``fast_reports=False``): a controller that polls this often notices its workers dying while
+# Tune is killing the trial, retries, and creates a placement group that outlives it (see tuning/reaper.py).
+# Delete when: a report no longer waits for the controller's next poll. Check: train the demo config with
+# ``logging.every_n_steps`` giving reports under 2 s apart and this variable unset; samples/s must not drop.
+
+
+def job_env_vars(gcs_address: str, *, fast_reports: bool = True) -> dict[str, str]:
+    """Environment for every process of the job (Ray Train's controller and workers included).
+
+    ``RAY_ADDRESS`` always (see :func:`connect_ray`); ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` with
+    ``fast_reports`` unless the user set it (their value travels with the job). Under ``ray job submit``
+    the job's runtime env comes first: Ray refuses a driver whose runtime env sets a variable the job's
+    runtime env already sets ("Failed to merge the Job's runtime env").
+    """
+    env = {"RAY_ADDRESS": gcs_address}
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    if fast_reports and HEALTH_CHECK_ENV not in ((job_config.get("runtime_env") or {}).get("env_vars") or {}):
+        env[HEALTH_CHECK_ENV] = os.environ.get(HEALTH_CHECK_ENV, FAST_HEALTH_CHECK_S)
+    return env
+
+
+def connect_ray(address: str | None, *, fast_reports: bool = True) -> str:
+    """Connect to ``address`` / ``RAY_ADDRESS``, else start an embedded local Ray; returns a description.
+
+    ``fast_reports``: Ray Train collects reports every 0.1 s instead of 2 s (see ``HEALTH_CHECK_ENV``); off
+    for Tune sweeps. Problems are ``ClusterError`` (one line, exit 2).
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():
+        return "existing Ray session"
+    if address:
+        gcs_address = _gcs_address(address)
+        _probe(gcs_address)
+        try:
+            ray.init(address=gcs_address, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": job_env_vars(gcs_address, fast_reports=fast_reports)})
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ClusterError(f"cannot connect to the Ray cluster at {gcs_address}: {first_line(exc)}") from None
+        return f"Ray cluster at {gcs_address}"
+    return f"embedded local Ray ({_start_embedded_ray(fast_reports)})"
+
+
+# Workaround: every process of the job gets ``RAY_ADDRESS`` = this cluster's GCS address (job_env_vars).
+# Ray Train's PlacementGroupCleaner (a detached actor) asks the State API whether its controller is alive
+# without giving an address (``ray.train.v2._internal.state.util.get_actor``, Ray 2.60). The State API then
+# guesses (``/tmp/ray/ray_current_cluster``, then a process scan): with several clusters on one machine it
+# fails with "Found multiple active Ray instances" (ray-project/ray#25639, fixed for the CLI by ``--address``,
+# not for callers that pass none) and floods the console with "State API may be temporarily unavailable", or
+# finds another cluster's API and cleans up a live run's placement group. The State API is served by the
+# dashboard, so the embedded Ray keeps it on.
+# Delete when: Ray Train's cleaner queries its own cluster (passes an address, or asks the GCS directly);
+# then the embedded Ray needs no chosen GCS port either (see _start_embedded_ray).
+
+
+def _gcs_address(address: str) -> str:
+    if address.startswith("http"):
+        raise ClusterError(f"--address {address}: give the Ray GCS address (host:6379 or 'auto'); "
+                           "dashboard URLs are for `ray job submit`")
+    if address != "auto":
+        # Workaround: Ray's canonicalisation turns 127.0.0.1 into the host's IP (ray-project/ray#59110, seen
+        # there through `ray start --address`; the fix, PR #59206, was closed unmerged), so only "auto" is
+        # looked up.
+        # Delete when: canonicalize_bootstrap_address keeps loopback addresses; then canonicalise every address.
+        return address
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    try:
+        return str(canonicalize_bootstrap_address_or_die(address))
+    except ConnectionError as exc:
+        raise ClusterError(f"cannot find a Ray cluster for address {address!r}: {first_line(exc)}") from None
+
+
+def _probe(gcs_address: str, timeout_s: float = 3.0) -> None:
+    """One line within seconds instead of ``ray.init``'s connection retries when nothing listens."""
+    host, _, port = gcs_address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError):
+        raise ClusterError(f"no Ray cluster is reachable at {gcs_address} (nothing answered within "
+                           f"{timeout_s:g} s); check the address, or start one with `ray start --head`") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_embedded_ray(fast_reports: bool) -> str:
+    """Start a local Ray on 127.0.0.1 whose GCS address is known before ``ray.init`` (for job_env_vars)."""
+    import ray
+    from ray._private.utils import get_dashboard_dependency_error
+
+    missing = get_dashboard_dependency_error()
+    if missing:
+        log.warning("Ray's dashboard packages are missing (%s): install 'ray[default]'. Without the dashboard "
+                    "there is no State API, and Ray Train's placement-group cleaner will log warnings.", missing)
+    # Workaround: ray.init() takes no GCS port for the head it starts (only `ray start --port` does), but the
+    # job's runtime env must name the address up front; Ray reads RAY_GCS_SERVER_PORT when it starts a head
+    # (ray-project/ray PR #15097). Observed on Ray 2.60. The variable is restored at once so that nothing
+    # started later inherits it.
+    # Delete when: the RAY_ADDRESS workaround above goes, or ray.init takes the port.
+    port = _free_port()
+    gcs_address = f"127.0.0.1:{port}"
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=not missing, dashboard_host="127.0.0.1",
+                 logging_level=logging.WARNING,
+                 runtime_env={"env_vars": job_env_vars(gcs_address, fast_reports=fast_reports)})
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
+    return gcs_address
+
+
+def quiet_train_report_log() -> None:
+    """Silence the INFO line Ray Train V2 logs on every report (the whole metrics dict), on this worker.
+
+    Workaround: that logger is named after its file (``logging.getLogger(__file__)`` in
+    ``ray/train/v2/_internal/execution/context.py``, Ray 2.60), outside the ``ray.train`` hierarchy that
+    ``RunConfig(logging_config=LoggingConfig(...))`` controls (ray-project/ray PR #61550). No Ray issue found.
+    Delete when: that module logs under ``ray.train`` (``launch.build_trainer``'s LoggingConfig then covers it).
+    """
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def tune_trials(results: Any) -> list[Any]:
+    """The Tune trials behind a ``ResultGrid``, in its order (``[]`` when Ray does not say).
+
+    Workaround: a ``Result`` carries neither its trial's status (an interrupted sweep's cut-short trials look
+    finished) nor, for a trial that failed before its first report, its config; only the grid's private
+    ``_experiment_analysis.trials`` has both. Observed on Ray 2.60; no Ray issue found.
+    Delete when: ``Result`` or ``ResultGrid`` exposes each trial's status and config.
+    """
+    analysis = getattr(results, "_experiment_analysis", None)
+    return list(getattr(analysis, "trials", None) or [])
+
+
+def remove_placement_group_by_id(hex_id: str) -> None:
+    """Remove a placement group known only by the hex id the State API lists.
+
+    Workaround: Ray has no public way from a placement-group id to a handle that ``remove_placement_group``
+    takes (ray-project/ray#28143 asked for removal by id; closed as stale), so the handle is built from
+    ``ray._raylet.PlacementGroupID``. Delete when: ``ray.util`` removes (or looks up) a placement group by id.
+    """
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(hex_id))))
