@@ -15,7 +15,7 @@ from sdf_ray.fsutil import write_json_atomic, write_text_atomic
 from sdf_ray.run_files import RESOLVED_CONFIG_FILE, SUMMARY_FILE, WORKER_GROUP_STARTS_FILE
 
 # Keys that may change when a stopped run is resumed (resources, cadences, debugging, length).
-RESUMABLE_CHANGES = ("scaling.", "logging.", "debug.", "checkpoint.", "optim.num_epochs")
+RESUMABLE_CHANGES = ("scaling.", "logging.", "debug.", "checkpoint.", "validation.", "optim.num_epochs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +68,11 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     check_storage_path(cfg.checkpoint.storage_path)
     data = dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).expanduser().resolve()))
     storage = str(Path(cfg.checkpoint.storage_path).expanduser().resolve())
-    return dataclasses.replace(cfg, data=data, checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=storage))
+    validation = cfg.validation
+    if validation.path:
+        validation = dataclasses.replace(validation, path=str(Path(validation.path).expanduser().resolve()))
+    return dataclasses.replace(cfg, data=data, validation=validation,
+                               checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=storage))
 
 
 def run_dir(cfg: TrainConfig) -> Path:
@@ -79,6 +83,11 @@ def check_dataset(cfg: TrainConfig) -> int:
     """Driver-side dataset checks before any worker starts; returns the number of scenes."""
     from sdf_ray.data.format import read_manifest, validate_files
 
+    if cfg.validation.path:
+        held_out = read_manifest(cfg.validation.path)
+        if held_out.num_scenes == 0:
+            raise DataError(f"validation.path {cfg.validation.path}: the held-out dataset has no scenes")
+        validate_files(cfg.validation.path)
     manifest = read_manifest(cfg.data.path)
     validate_files(cfg.data.path)
     if manifest.num_scenes < cfg.scaling.num_workers:

@@ -21,6 +21,9 @@ REPORTED_METRICS = (
     "guard/consecutive_skips", "guard/longest_skip_streak", "guard/clipped_steps", "guard/rollbacks",
     "perf/samples_per_s", "perf/step_time_ms", "restarts", "diverged",
 )
+# What a validation pass adds to the report of its step (``validation.path`` set; a pass that is skipped on a
+# non-finite decoder reports inf and val/skipped = 1). val/chamfer_l2 needs validation.mesh_resolution > 0.
+VALIDATION_METRICS = ("val/sdf_l1", "val/chamfer_l2", "val/failed_shapes", "val/skipped", "perf/val_seconds")
 
 
 def finite_or_inf(value: float) -> float:

@@ -29,6 +29,7 @@ from sdf_ray.loss import code_reg_weight, sdf_loss
 from sdf_ray.metrics_log import IntervalClock, MetricsWriter, collect_metrics, progress_line, start_line
 from sdf_ray.schedules import group_lrs
 from sdf_ray.train_state import TrainState, build_state, configure_precision, precision_context
+from sdf_ray.validation import Validator
 
 log = logging.getLogger("sdf_ray")
 
@@ -205,6 +206,7 @@ def run_training(cfg: TrainConfig, coll: Collectives, device: torch.device, repo
                            samples_per_scene=cfg.data.samples_per_scene, steps_per_epoch=schedule.steps_per_epoch,
                            seed=cfg.data.seed, rank=rank, device=device)
     writer = MetricsWriter(run_dir, cfg.logging.tensorboard) if rank == 0 else None
+    validator = Validator(cfg, coll, device) if cfg.validation.path else None
     # The rollback target: the last good snapshot (the start of the run until the first checkpoint).
     good_snapshot = resume_from if resume_from is not None else ckpt.take_snapshot(state)
     clock = IntervalClock(last_counters=state.counters.read())
@@ -229,8 +231,11 @@ def run_training(cfg: TrainConfig, coll: Collectives, device: torch.device, repo
                                             metrics["guard/longest_skip_streak"])
         snapshot = None
         if decision == "continue":
-            if schedule.validation_due(state.step):
-                pass  # the validation pass hooks in here: its val/* metrics join this report
+            if validator is not None and schedule.validation_due(state.step):
+                val_metrics = validator.run(state.decoder_module, cfg.model.latent_size)
+                clock.start_time += val_metrics["perf/val_seconds"]  # samples/s counts training time only
+                metrics.update(val_metrics)
+                say(validator.line(val_metrics))
             say(progress_line(state, metrics))
             if schedule.checkpoint_due(state.step):
                 snapshot = ckpt.take_snapshot(state)

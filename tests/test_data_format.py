@@ -356,13 +356,13 @@ def test_cli_synth_info_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_write_uses_temp_dir_next_to_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[str] = []
-    real_rename = os.rename
+    real_replace = os.replace  # fsutil.atomic_directory renames with os.replace
 
     def spy(src: str | Path, dst: str | Path) -> None:
         seen.append(f"{Path(src).name}->{Path(dst).name}")
-        real_rename(src, dst)
+        real_replace(src, dst)
 
-    monkeypatch.setattr(os, "rename", spy)
+    monkeypatch.setattr(os, "replace", spy)
     write_dataset(tmp_path / "ds", [make_scene(0, 3, 3)], {})
     assert seen == [f".ds.tmp-{os.getpid()}->ds"]
 

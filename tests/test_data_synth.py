@@ -8,36 +8,28 @@ import numpy as np
 import pytest
 import torch
 
-from sdf_ray.data import synth
+from sdf_ray.data import synth, synth_shapes
 from sdf_ray.data.format import load_scenes, read_manifest
 from sdf_ray.data.sampler import SceneSampler
-from sdf_ray.data.synth import (
-    PRIMITIVES,
-    Primitive,
-    SynthShape,
-    project_to_surface,
-    smooth_min,
-    synth_dataset,
-    synth_scene,
-    synth_shape,
-)
+from sdf_ray.data.synth import synth_dataset, synth_scene, synth_shape
+from sdf_ray.data.synth_shapes import PRIMITIVES, Primitive, SynthShape, project_to_surface, smooth_min
 from sdf_ray.errors import DataError
 
 
 def test_primitive_sdfs_hand_values() -> None:
     p = np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.5]])
-    np.testing.assert_allclose(synth.sdf_sphere(p, 1.0), [-1.0, 1.0, -0.5])
-    np.testing.assert_allclose(synth.sdf_box(np.array([[0.0, 0, 0], [2, 0, 0], [2, 2, 0]]), 1, 1, 1),
+    np.testing.assert_allclose(synth_shapes.sdf_sphere(p, 1.0), [-1.0, 1.0, -0.5])
+    np.testing.assert_allclose(synth_shapes.sdf_box(np.array([[0.0, 0, 0], [2, 0, 0], [2, 2, 0]]), 1, 1, 1),
                                [-1.0, 1.0, np.sqrt(2)])
-    np.testing.assert_allclose(synth.sdf_rounded_box(np.array([[2.0, 2.0, 0.0]]), 1, 1, 1, 0.5),
+    np.testing.assert_allclose(synth_shapes.sdf_rounded_box(np.array([[2.0, 2.0, 0.0]]), 1, 1, 1, 0.5),
                                [np.sqrt(2) * 1.5 - 0.5])
-    np.testing.assert_allclose(synth.sdf_torus(np.array([[1.0, 0, 0], [0, 0, 0], [0, 1, 0]]), 1.0, 0.25),
+    np.testing.assert_allclose(synth_shapes.sdf_torus(np.array([[1.0, 0, 0], [0, 0, 0], [0, 1, 0]]), 1.0, 0.25),
                                [-0.25, 0.75, np.sqrt(2) - 0.25])
-    np.testing.assert_allclose(synth.sdf_capsule(np.array([[0.0, 3, 0], [1.0, 0, 0]]), 1.0, 0.5), [1.5, 0.5])
-    np.testing.assert_allclose(synth.sdf_cylinder(np.array([[0.0, 0, 0], [3, 3, 0], [0, 2, 0]]), 1.0, 1.0),
+    np.testing.assert_allclose(synth_shapes.sdf_capsule(np.array([[0.0, 3, 0], [1.0, 0, 0]]), 1.0, 0.5), [1.5, 0.5])
+    np.testing.assert_allclose(synth_shapes.sdf_cylinder(np.array([[0.0, 0, 0], [3, 3, 0], [0, 2, 0]]), 1.0, 1.0),
                                [-1.0, np.sqrt(8), 1.0])
     # Cone of half height 1 from radius 1 (bottom) to 0.5 (top): points on the axis and beyond each cap.
-    np.testing.assert_allclose(synth.sdf_cone(np.array([[0.0, 2, 0], [0, -3, 0], [0, 0, 0]]), 1.0, 1.0, 0.5),
+    np.testing.assert_allclose(synth_shapes.sdf_cone(np.array([[0.0, 2, 0], [0, -3, 0], [0, 0, 0]]), 1.0, 1.0, 0.5),
                                [1.0, 2.0, -0.75 * 2 / np.sqrt(4.25)], rtol=1e-6)
 
 
@@ -45,7 +37,7 @@ def test_primitive_sdfs_hand_values() -> None:
 def test_primitive_sdf_is_exact_distance(kind: str) -> None:
     """|sdf(q)| equals the brute-force distance from q to a dense sampling of the surface."""
     rng = np.random.default_rng(7)
-    prim = Primitive(kind=kind, params=synth._random_params(kind, rng), rotation=synth._random_rotation(rng),
+    prim = Primitive(kind=kind, params=synth_shapes._random_params(kind, rng), rotation=synth_shapes._random_rotation(rng),
                      translation=rng.uniform(-0.1, 0.1, size=3))
     shape = SynthShape(primitives=(prim,), blend_k=0.0, offset=np.zeros(3), scale=1.0)
     surface = synth._surface_points(shape, rng, 20_000)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from sdf_ray import config as C
 from sdf_ray.cli import main
 from sdf_ray.errors import ClusterError, ConfigError
+from sdf_ray.run_schedule import RunSchedule
 from tests.helpers import tiny_config
-from tuning import search, sweep
+from tuning import outputs, planning, search
 from tuning.search import DivergenceSpec
 from tuning.stopper import DivergenceStopper, divergence_reason, replay
 
@@ -36,8 +38,9 @@ def has(problems: list[str], *fragments: str) -> bool:
 
 
 def test_packaged_stability_search_loads_against_the_tiny_config():
-    spec = search.load(search.packaged_search("stability"), base_cfg())
-    assert spec.num_samples == 16 and spec.scheduler.type == "asha" and spec.metric == "train/loss"
+    # It ranks by held-out shapes, so the training config needs a held-out set.
+    spec = search.load(search.packaged_search("stability"), base_cfg(**{"validation.path": "held-out"}))
+    assert spec.num_samples == 16 and spec.scheduler.type == "asha" and spec.metric == "val/sdf_l1"
     kinds = {p.key: p.kind for p in spec.space}
     assert kinds == {"optim.decoder_lr": "loguniform", "optim.latent_lr": "loguniform", "guard.grad_clip": "choice"}
     lo, hi = spec.space[0].values
@@ -192,7 +195,7 @@ def test_integer_ranges_sample_integers():
 
 
 def test_search_spec_round_trips_through_to_dict():
-    spec = search.load(search.packaged_search("stability"), base_cfg())
+    spec = search.load(search.packaged_search("stability"), base_cfg(**{"validation.path": "held-out"}))
     assert search.from_dict(spec.to_dict()) == spec
 
 
@@ -267,35 +270,35 @@ def test_replay_reproduces_the_stopper():
 def test_plan_sizes_concurrency_to_the_cluster():
     spec = search.from_dict({"space": {"optim.decoder_lr": {"grid": [1e-3, 2e-3, 3e-3]}}})
     cfg = base_cfg(**{"scaling.cpus_per_worker": 2.0})
-    p = sweep.plan(cfg, spec, num_scenes=8, cluster={"CPU": 5.0})
+    p = planning.plan(cfg, spec, num_scenes=8, cluster={"CPU": 5.0})
     assert (p.cpus_per_trial, p.max_concurrent_trials) == (2.0, 2)
-    assert p.max_t == sweep.expected_reports(cfg, 8)
+    assert p.max_t == RunSchedule.of(cfg, 8).num_reports()
 
 
 def test_plan_rejects_more_concurrent_trials_than_the_cluster_holds():
     spec = search.from_dict({"space": {"optim.decoder_lr": {"grid": [1e-3, 2e-3]}}, "max_concurrent_trials": 3})
     with pytest.raises(ClusterError, match=r"max_concurrent_trials=3 needs 3 x 1 CPU\(s\); the cluster has 2 CPU"):
-        sweep.plan(base_cfg(), spec, num_scenes=8, cluster={"CPU": 2.0})
+        planning.plan(base_cfg(), spec, num_scenes=8, cluster={"CPU": 2.0})
     with pytest.raises(ClusterError, match="each trial needs 2 CPU"):
-        sweep.plan(base_cfg(**{"scaling.num_workers": 2}), spec, num_scenes=8, cluster={"CPU": 1.0})
+        planning.plan(base_cfg(**{"scaling.num_workers": 2}), spec, num_scenes=8, cluster={"CPU": 1.0})
 
 
 def test_plan_takes_the_largest_trial_of_the_space():
     spec = search.from_dict({"space": {"scaling.num_workers": {"choice": [1, 2]}}})
-    p = sweep.plan(base_cfg(), spec, num_scenes=8, cluster={"CPU": 4.0})
+    p = planning.plan(base_cfg(), spec, num_scenes=8, cluster={"CPU": 4.0})
     assert (p.cpus_per_trial, p.max_concurrent_trials) == (2.0, 1)
 
 
 def test_expected_reports_follows_the_logging_and_checkpoint_cadence():
     # tiny: 8 scenes / 4 per step = 2 steps per epoch; log every 2 steps; checkpoint every epoch.
-    assert sweep.expected_reports(base_cfg(**{"optim.num_epochs": 10}), 8) == 10
+    assert RunSchedule.of(base_cfg(**{"optim.num_epochs": 10}), 8).num_reports() == 10
     cfg = base_cfg(**{"optim.num_epochs": 10, "logging.every_n_steps": 3, "checkpoint.every_n_epochs": 5})
-    assert sweep.expected_reports(cfg, 8) == 8  # steps 3, 6, ..., 18 and the checkpoints at steps 10 and 20
+    assert RunSchedule.of(cfg, 8).num_reports() == 8  # steps 3, 6, ..., 18 and the checkpoints at steps 10 and 20
 
 
 def test_best_config_resets_debug_and_names_the_run():
     cfg = base_cfg(**{"debug.inject": INJECT})
-    best = sweep.best_config(cfg, {"optim.decoder_lr": 3e-3, "debug.inject": []}, "sweep1")
+    best = outputs.best_config(cfg, {"optim.decoder_lr": 3e-3, "debug.inject": []}, "sweep1")
     assert best.optim.decoder_lr == 3e-3 and best.checkpoint.run_name == "sweep1-best"
     assert best.debug == C.DebugConfig()
     assert C.from_dict(C.yaml_load(C.to_yaml(best))) == best
@@ -312,7 +315,7 @@ class FakeResult:
 
 
 def rows_for(entries, spec):
-    return sweep.trial_rows(base_cfg(**{"optim.num_epochs": 2}), spec, entries, {}, 8, sweep.Path("/nonexistent"))
+    return outputs.trial_rows(base_cfg(**{"optim.num_epochs": 2}), spec, entries, {}, 8, Path("/nonexistent"))
 
 
 def test_trial_statuses_and_best_trial():
@@ -336,7 +339,7 @@ def test_trial_statuses_and_best_trial():
     assert by_id["t2"]["iterations"] == 2 and "non-finite" in by_id["t2"]["reason"]
     assert by_id["t2"]["best_train/loss"] == 0.3 and by_id["t2"]["last_train/loss"] is None
     assert by_id["t4"]["reason"] == "boom"
-    assert sweep.best_row(spec, rows)["trial_id"] == "t3"  # the healthy trial with the best last loss
+    assert outputs.best_row(spec, rows)["trial_id"] == "t3"  # the healthy trial with the best last loss
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from sdf_ray.ray_session import tune_trials
 from sdf_ray.run_files import SUMMARY_FILE
 from sdf_ray.run_schedule import RunSchedule
 from tuning.search import SearchSpec
-from tuning.stopper import finite_float, replay
+from tuning.stopper import PRUNED_DIVERGED, as_float, finite_float, replay
 
 TRIALS_SUBDIR = "trials"
 TRIALS_CSV = "trials.csv"
@@ -99,7 +99,7 @@ def trial_rows(cfg: config_mod.TrainConfig, spec: SearchSpec, entries: list[Entr
         values = [finite_float(r.get(spec.metric)) for r in history]
         finite = [v for v in values if v is not None]
         best = (min(finite) if spec.mode == "min" else max(finite)) if finite else None
-        reason = reasons.get(trial_id) or replay(history, spec.divergence)[0]
+        reason = reasons.get(trial_id) or replay(history, spec.divergence, spec.collapse)[0]
         trial_summary_path = trials_dir / trial_run_name(trial_id) / SUMMARY_FILE
         trial_summary = json.loads(trial_summary_path.read_text()) if trial_summary_path.exists() else {}
         if reason is None and trial_summary.get("status") == "diverged":
@@ -110,7 +110,7 @@ def trial_rows(cfg: config_mod.TrainConfig, spec: SearchSpec, entries: list[Entr
         except ConfigError:
             wanted_steps = -1
         if reason is not None:
-            status = "pruned_diverged"
+            status = getattr(reason, "status", PRUNED_DIVERGED)
         elif result.error is not None:
             status = "error"
             first = (str(result.error).strip().splitlines() or [type(result.error).__name__])
@@ -125,13 +125,26 @@ def trial_rows(cfg: config_mod.TrainConfig, spec: SearchSpec, entries: list[Entr
             status = "stopped"
         rows.append({
             "trial_id": trial_id, **params, "status": status,
-            f"best_{spec.metric}": best, f"last_{spec.metric}": finite_float(last.get(spec.metric)) if last else None,
+            f"best_{spec.metric}": best, f"last_{spec.metric}": last_reported(history, spec.metric),
+            **{key: last_reported(history, key) for key in ("val/sdf_l1", "val/chamfer_l2")
+               if key != spec.metric and any(key in r for r in history)},
             # Reports Tune received (since the last resume: a resumed trial restarts Tune's count).
             "iterations": len(history), "steps": last_step,
             "skipped_steps": int(last.get("guard/skipped_steps") or 0), "reason": reason or "",
         })
     rows.sort(key=lambda r: r["trial_id"])
     return rows
+
+
+def last_reported(history: list[dict[str, Any]], key: str) -> float | None:
+    """The trial's last reported ``key`` as a finite float (None when it was inf or never reported).
+
+    Validation metrics come only with validation passes; in Tune's dataframe the other rows hold NaN."""
+    for result in reversed(history):
+        value = as_float(result.get(key))
+        if value is not None and not math.isnan(value):
+            return finite_float(value)
+    return None
 
 
 def best_row(spec: SearchSpec, rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -21,22 +21,23 @@ training config would reject is reported here, not in a trial.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import math
 import typing
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 from sdf_ray import config as config_mod
 from sdf_ray.errors import ConfigError
-from sdf_ray.metrics_log import REPORTED_METRICS
+from sdf_ray.metrics_log import REPORTED_METRICS, VALIDATION_METRICS
+from sdf_ray.structure import STRUCTURE, Ge, Gt, Interval, convert, did_you_mean
 
-DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
-TIME_ATTRS = ("training_iteration", "train/step", "train/epoch")
-TOP_LEVEL_KEYS = ("space", "num_samples", "metric", "mode", "scheduler", "search_alg", "max_concurrent_trials",
-                  "divergence")
+Distribution = Literal["loguniform", "uniform", "choice", "grid"]
+TimeAttr = Literal["training_iteration", "train/step", "train/epoch"]
+DISTRIBUTIONS: tuple[str, ...] = get_args(Distribution)
+TIME_ATTRS: tuple[str, ...] = get_args(TimeAttr)
 MAX_CORNERS = 1024  # beyond this many corner combinations, check each parameter's corners one at a time
 
 
@@ -44,7 +45,7 @@ MAX_CORNERS = 1024  # beyond this many corner combinations, check each parameter
 class Param:
     key: str
     """Dotted training-config key."""
-    kind: str
+    kind: Distribution
     """loguniform | uniform | choice | grid."""
     values: tuple[Any, ...]
     """(lo, hi) for the ranges, the candidates for choice and grid."""
@@ -55,34 +56,119 @@ class Param:
         return self.values
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SchedulerSpec:
-    type: str = "asha"
-    grace_period: int = 1
-    reduction_factor: float = 2.0
-    max_t: int | None = None
-    """None: the number of reports a full trial makes (computed from the training config)."""
-    time_attr: str = "training_iteration"
+    type: Literal["asha", "fifo"] = "asha"
+    """asha: stop the worst trials early (Tune's ASHA); fifo: run every trial to the end."""
+    grace_period: Annotated[int, Ge(1)] = 1
+    """asha: reports every trial makes before it may be stopped."""
+    reduction_factor: Annotated[float, Gt(1)] = 2.0
+    """asha: keep 1/reduction_factor of the trials at each rung."""
+    max_t: Annotated[int, Ge(1)] | None = None
+    """asha: null means the number of reports a full trial makes (computed from the training config)."""
+    time_attr: TimeAttr = "training_iteration"
+    """asha: the result key that measures progress."""
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if self.type == "fifo":
+            asha_only = SchedulerSpec(type="fifo")
+            for f in dataclasses.fields(self):
+                if getattr(self, f.name) != getattr(asha_only, f.name):
+                    yield f.name, "only the asha scheduler uses it (scheduler.type is 'fifo')"
+        elif self.max_t is not None and 1 <= self.max_t < self.grace_period:
+            yield "max_t", f"{self.max_t} is below scheduler.grace_period={self.grace_period}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DivergenceSpec:
-    loss_growth_factor: float | None = 10.0
+    loss_growth_factor: Annotated[float, Gt(1)] | None = 10.0
     """Prune when the loss exceeds this many times the trial's best loss so far; null disables."""
-    max_skip_fraction: float | None = 0.5
+    max_skip_fraction: Annotated[float, Interval(0, 1, "[)")] | None = 0.5
     """Prune when more than this fraction of an interval's steps were skipped; null disables."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class CollapseSpec:
+    """A decoder that collapsed to a constant: training loss and gradient norm both flat at a constant
+    predictor's level for ``patience`` reports in a row. Such a trial would otherwise run to the end as
+    ``finished`` (measured on an H200 with optim.decoder_lr >= 2e-3: loss stuck at ~0.104, |g| ~5e-6)."""
+
+    max_grad_norm: Annotated[float, Gt(0)] | None = 1e-4
+    """A report counts as flat only when train/grad_norm (before clipping) is below this; null disables."""
+    max_loss_change: Annotated[float, Gt(0)] = 1e-3
+    """...and train/loss changed by less than this fraction since the previous report."""
+    patience: Annotated[int, Ge(1)] = 3
+    """Prune after this many flat reports in a row."""
+
+
+SEARCHABLE_METRICS = REPORTED_METRICS + VALIDATION_METRICS
+
+
+def _reported_metric(metric: str) -> str | None:
+    if metric in SEARCHABLE_METRICS:
+        return None
+    return (f"{metric!r} is never reported by the trainer{did_you_mean(metric, SEARCHABLE_METRICS)} "
+            f"(reported: {', '.join(SEARCHABLE_METRICS)})")
+
+
+def _structure_space(raw: Any, path: str, problems: list[str]) -> tuple[Param, ...] | None:
+    if raw is None or raw == {}:
+        problems.append(f"`{path}`: required, map dotted training-config keys to distributions")
+        return None
+    if not isinstance(raw, dict):
+        problems.append(f"`{path}`: expected a mapping, got {type(raw).__name__}")
+        return None
+    params = (_parse_param(key, entry, problems) for key, entry in raw.items())
+    return tuple(p for p in params if p is not None)
+
+
+def _structure_scheduler(raw: Any, path: str, problems: list[str]) -> SchedulerSpec | None:
+    if raw is None:
+        return SchedulerSpec()
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    if not isinstance(raw, dict):
+        problems.append(f"`{path}`: expected `asha`, `fifo` or a mapping with `type`, got {raw!r}")
+        return None
+    spec: SchedulerSpec | None = convert(SchedulerSpec, raw, problems, path, suggest_full_path=False)
+    return spec
+
+
+@dataclass(frozen=True, kw_only=True)
 class SearchSpec:
-    space: tuple[Param, ...]
-    num_samples: int = 1
-    metric: str = "train/loss"
-    mode: str = "min"
-    scheduler: SchedulerSpec = dataclasses.field(default_factory=SchedulerSpec)
-    search_alg: str = "random"
-    max_concurrent_trials: int | None = None
-    divergence: DivergenceSpec = dataclasses.field(default_factory=DivergenceSpec)
+    space: tuple[Param, ...] = field(metadata={STRUCTURE: _structure_space})
+    """Dotted training-config key -> {loguniform|uniform: [lo, hi]} or {choice|grid: [values]}."""
+    num_samples: Annotated[int, Ge(1)] = 1
+    """Trials to sample (times the size of the grid)."""
+    metric: Annotated[str, _reported_metric] = "train/loss"
+    """The reported metric that ranks trials."""
+    mode: Literal["min", "max"] = "min"
+    """Whether a lower or a higher metric is better."""
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec, metadata={STRUCTURE: _structure_scheduler})
+    """`asha`, `fifo`, or a mapping with `type` and ASHA's settings."""
+    search_alg: Literal["random", "optuna"] = "random"
+    """random (grid entries are expanded by the same generator) or optuna."""
+    max_concurrent_trials: Annotated[int, Ge(1)] | None = None
+    """null: as many trials as the cluster holds at once."""
+    divergence: DivergenceSpec = field(default_factory=DivergenceSpec)
+    """When the divergence stopper prunes a trial."""
+    collapse: CollapseSpec = field(default_factory=CollapseSpec)
+    """When a trial whose decoder collapsed to a constant is pruned (``pruned_collapsed``)."""
+
+    @property
+    def needs_validation(self) -> bool:
+        """The metric comes from validation passes: the training config must name a held-out set."""
+        return self.metric in VALIDATION_METRICS
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if self.search_alg != "optuna":
+            return
+        if self.has_grid:
+            yield "search_alg", "optuna cannot expand grid entries; use choice, or search_alg: random"
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            yield "search_alg", "optuna is not installed; install the extra: pip install 'sdf-ray[optuna]'"
 
     @property
     def keys(self) -> list[str]:
@@ -104,6 +190,7 @@ class SearchSpec:
             "scheduler": dataclasses.asdict(self.scheduler), "search_alg": self.search_alg,
             "max_concurrent_trials": self.max_concurrent_trials,
             "divergence": dataclasses.asdict(self.divergence),
+            "collapse": dataclasses.asdict(self.collapse),
         }
 
 
@@ -121,15 +208,11 @@ def _key_type(dotted: str) -> Any:
     return typing.get_type_hints(section_cls)[key]
 
 
-def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f", did you mean `{close[0]}`?" if close else ""
-
-
 def _parse_param(key: Any, entry: Any, problems: list[str]) -> Param | None:
+    """One entry of ``space``: its own small grammar (a distribution name mapped to its values)."""
     where = f"`space.{key}`"
     if not isinstance(key, str) or key not in config_mod.known_keys():
-        problems.append(f"{where}: unknown training-config key{_did_you_mean(str(key), config_mod.known_keys())}")
+        problems.append(f"{where}: unknown training-config key{did_you_mean(str(key), config_mod.known_keys())}")
         return None
     if not isinstance(entry, dict) or len(entry) != 1:
         problems.append(f"{where}: expected one of {{loguniform: [lo, hi]}}, {{uniform: [lo, hi]}}, "
@@ -137,7 +220,7 @@ def _parse_param(key: Any, entry: Any, problems: list[str]) -> Param | None:
         return None
     (kind, values), = entry.items()
     if kind not in DISTRIBUTIONS:
-        problems.append(f"{where}: unknown distribution `{kind}`{_did_you_mean(str(kind), DISTRIBUTIONS)} "
+        problems.append(f"{where}: unknown distribution `{kind}`{did_you_mean(str(kind), DISTRIBUTIONS)} "
                         f"(expected one of {', '.join(DISTRIBUTIONS)})")
         return None
     if not isinstance(values, list):
@@ -177,124 +260,10 @@ def _parse_param(key: Any, entry: Any, problems: list[str]) -> Param | None:
     return Param(key, kind, (lo, hi), integer=integer)
 
 
-def _section(data: Any, name: str, problems: list[str]) -> dict[str, Any]:
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        problems.append(f"`{name}`: expected a mapping, got {type(data).__name__} {data!r}")
-        return {}
-    return data
-
-
-def _check_unknown(data: dict[str, Any], allowed: tuple[str, ...], prefix: str, problems: list[str]) -> None:
-    for key in data:
-        if key not in allowed:
-            problems.append(f"`{prefix}{key}`: unknown key{_did_you_mean(str(key), allowed)}")
-
-
-def _int(data: dict[str, Any], key: str, where: str, problems: list[str], minimum: int,
-         default: int | None) -> int | None:
-    value = data.get(key, default)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        problems.append(f"`{where}`: expected an integer, got {type(value).__name__} {value!r}")
-        return default
-    if value < minimum:
-        problems.append(f"`{where}`: must be >= {minimum}, got {value}")
-        return default
-    return value
-
-
-def _parse_scheduler(raw: Any, problems: list[str]) -> SchedulerSpec:
-    if raw is None:
-        return SchedulerSpec()
-    if isinstance(raw, str):
-        raw = {"type": raw}
-    if not isinstance(raw, dict):
-        problems.append(f"`scheduler`: expected `asha`, `fifo` or a mapping with `type`, got {raw!r}")
-        return SchedulerSpec()
-    kind = raw.get("type", "asha")
-    if kind not in ("asha", "fifo"):
-        problems.append(f"`scheduler.type`: expected 'asha' or 'fifo', got {kind!r}")
-        return SchedulerSpec()
-    if kind == "fifo":
-        _check_unknown(raw, ("type",), "scheduler.", problems)
-        return SchedulerSpec(type="fifo")
-    _check_unknown(raw, ("type", "grace_period", "reduction_factor", "max_t", "time_attr"), "scheduler.", problems)
-    grace = _int(raw, "grace_period", "scheduler.grace_period", problems, 1, 1)
-    max_t = _int(raw, "max_t", "scheduler.max_t", problems, 1, None)
-    factor = raw.get("reduction_factor", 2.0)
-    if not _is_number(factor) or not factor > 1:
-        problems.append(f"`scheduler.reduction_factor`: must be a number > 1, got {factor!r}")
-        factor = 2.0
-    time_attr = raw.get("time_attr", "training_iteration")
-    if time_attr not in TIME_ATTRS:
-        problems.append(f"`scheduler.time_attr`: expected one of {', '.join(TIME_ATTRS)}, got {time_attr!r}")
-        time_attr = "training_iteration"
-    if max_t is not None and grace is not None and max_t < grace:
-        problems.append(f"`scheduler.max_t`: {max_t} is below scheduler.grace_period={grace}")
-    return SchedulerSpec(type="asha", grace_period=grace or 1, reduction_factor=float(factor), max_t=max_t,
-                         time_attr=time_attr)
-
-
-def _parse_divergence(raw: Any, problems: list[str]) -> DivergenceSpec:
-    data = _section(raw, "divergence", problems)
-    _check_unknown(data, ("loss_growth_factor", "max_skip_fraction"), "divergence.", problems)
-    default = DivergenceSpec()
-    growth = data.get("loss_growth_factor", default.loss_growth_factor)
-    if growth is not None and (not _is_number(growth) or not growth > 1):
-        problems.append(f"`divergence.loss_growth_factor`: must be a number > 1 (or null to disable), got {growth!r}")
-        growth = default.loss_growth_factor
-    skip = data.get("max_skip_fraction", default.max_skip_fraction)
-    if skip is not None and (not _is_number(skip) or not 0 <= skip < 1):
-        problems.append(f"`divergence.max_skip_fraction`: must be in [0, 1) (or null to disable), got {skip!r}")
-        skip = default.max_skip_fraction
-    return DivergenceSpec(loss_growth_factor=None if growth is None else float(growth),
-                          max_skip_fraction=None if skip is None else float(skip))
-
-
 def parse(data: Any, problems: list[str]) -> SearchSpec | None:
     """Plain data -> SearchSpec, appending every problem found; None when the space is unusable."""
-    if not isinstance(data, dict):
-        problems.append(f"top level must be a mapping, got {type(data).__name__}")
-        return None
-    _check_unknown(data, TOP_LEVEL_KEYS, "", problems)
-    space_raw = data.get("space")
-    params: list[Param] = []
-    if space_raw is None or space_raw == {}:
-        problems.append("`space`: required, map dotted training-config keys to distributions")
-    elif not isinstance(space_raw, dict):
-        problems.append(f"`space`: expected a mapping, got {type(space_raw).__name__}")
-    else:
-        for key, entry in space_raw.items():
-            param = _parse_param(key, entry, problems)
-            if param is not None:
-                params.append(param)
-    num_samples = _int(data, "num_samples", "num_samples", problems, 1, 1) or 1
-    metric = data.get("metric", "train/loss")
-    if metric not in REPORTED_METRICS:
-        problems.append(f"`metric`: {metric!r} is never reported by the trainer"
-                        f"{_did_you_mean(str(metric), REPORTED_METRICS)} (reported: {', '.join(REPORTED_METRICS)})")
-    mode = data.get("mode", "min")
-    if mode not in ("min", "max"):
-        problems.append(f"`mode`: expected 'min' or 'max', got {mode!r}")
-    scheduler = _parse_scheduler(data.get("scheduler"), problems)
-    search_alg = data.get("search_alg", "random")
-    if search_alg not in ("random", "optuna"):
-        problems.append(f"`search_alg`: expected 'random' or 'optuna', got {search_alg!r}")
-    elif search_alg == "optuna":
-        if any(p.kind == "grid" for p in params):
-            problems.append("`search_alg`: optuna cannot expand grid entries; use choice, or search_alg: random")
-        try:
-            import optuna  # noqa: F401
-        except ImportError:
-            problems.append("`search_alg`: optuna is not installed; install the extra: pip install 'sdf-ray[optuna]'")
-    max_concurrent = _int(data, "max_concurrent_trials", "max_concurrent_trials", problems, 1, None)
-    divergence = _parse_divergence(data.get("divergence"), problems)
-    return SearchSpec(space=tuple(params), num_samples=num_samples, metric=str(metric), mode=str(mode),
-                      scheduler=scheduler, search_alg=str(search_alg), max_concurrent_trials=max_concurrent,
-                      divergence=divergence)
+    spec: SearchSpec | None = convert(SearchSpec, data, problems, suggest_full_path=False)
+    return spec
 
 
 def _corner_overrides(spec: SearchSpec) -> list[dict[str, Any]]:
@@ -342,6 +311,11 @@ def from_dict(data: Any, cfg: config_mod.TrainConfig | None = None, source: str 
     if spec is not None and cfg is not None:
         # The corners of the parameters that parsed are checked even when others did not: every problem at once.
         problems.extend(corner_problems(spec, cfg))
+        if spec.needs_validation and not cfg.validation.path:
+            problems.append(f"`metric`: {spec.metric} comes from validation passes; set validation.path in the "
+                            f"training config (or --set validation.path=HELD_OUT_DATASET)")
+        if spec.metric == "val/chamfer_l2" and cfg.validation.mesh_resolution == 0:
+            problems.append("`metric`: val/chamfer_l2 needs meshes; set validation.mesh_resolution (e.g. 64)")
     if problems or spec is None:
         raise ConfigError(problems or ["invalid search file"], source=source)
     return spec

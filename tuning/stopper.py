@@ -1,8 +1,11 @@
-"""Divergence pruning: stop a trial at the first report that shows it diverging.
+"""Failure pruning: stop a trial at the first report that shows it diverging, or its decoder collapsed.
 
-A trial is pruned (status ``pruned_diverged``) when a report has a non-finite loss (the trainer reports ``inf``,
+A trial is pruned as ``pruned_diverged`` when a report has a non-finite loss (the trainer reports ``inf``,
 never NaN, for an interval without a finite step), ``diverged == 1`` (the guard gave up), an interval skip fraction
-above ``max_skip_fraction``, or a loss above ``loss_growth_factor`` times the trial's best loss so far.
+above ``max_skip_fraction``, or a loss above ``loss_growth_factor`` times the trial's best loss so far; and as
+``pruned_collapsed`` when its decoder collapsed to a constant: the gradient norm below ``collapse.max_grad_norm``
+and the loss flat (relative change below ``collapse.max_loss_change``) for ``collapse.patience`` reports in a row.
+Both look at the training signals only, whatever metric ranks the trials.
 
 The stopper runs in the Tune driver, so it keeps ``reasons`` (trial id -> why). The decision is a pure function
 of the trial's reports, so :func:`replay` recomputes it from a trial's stored results (a resumed sweep's stopper
@@ -17,11 +20,24 @@ from typing import Any
 
 from ray.tune import Stopper
 
-from tuning.search import DivergenceSpec
+from tuning.search import CollapseSpec, DivergenceSpec
 
 LOSS_KEY = "train/loss"
+GRAD_NORM_KEY = "train/grad_norm"
 SKIP_FRACTION_KEY = "guard/skip_fraction"
 DIVERGED_KEY = "diverged"
+PRUNED_DIVERGED, PRUNED_COLLAPSED = "pruned_diverged", "pruned_collapsed"
+
+
+class PruneReason(str):
+    """Why a trial was pruned, as the line a user reads; ``status`` is its trials.csv status."""
+
+    status: str
+
+    def __new__(cls, text: str, status: str = PRUNED_DIVERGED) -> PruneReason:
+        self = super().__new__(cls, text)
+        self.status = status
+        return self
 
 
 def as_float(value: Any) -> float | None:
@@ -57,43 +73,71 @@ def divergence_reason(result: Mapping[str, Any], best_loss: float | None, spec: 
     return None
 
 
-def _better_best(best: float | None, result: Mapping[str, Any]) -> float | None:
-    loss = finite_float(result.get(LOSS_KEY))
-    if loss is None:
-        return best
-    return loss if best is None else min(best, loss)
+class TrialWatch:
+    """One trial's pruning state, fed its reports in order: the best loss so far and the flat streak."""
+
+    def __init__(self, divergence: DivergenceSpec, collapse: CollapseSpec | None = None) -> None:
+        self.divergence, self.collapse = divergence, collapse
+        self.best_loss: float | None = None
+        self.previous_loss: float | None = None
+        self.flat_reports = 0
+
+    def observe(self, result: Mapping[str, Any]) -> PruneReason | None:
+        """Why the trial should stop at this report, or None."""
+        diverging = divergence_reason(result, self.best_loss, self.divergence)
+        if diverging is not None:
+            return PruneReason(diverging, PRUNED_DIVERGED)
+        loss = finite_float(result.get(LOSS_KEY))
+        collapsed = self._collapse(result, loss)
+        if loss is not None:
+            self.best_loss = loss if self.best_loss is None else min(self.best_loss, loss)
+        self.previous_loss = loss
+        return collapsed
+
+    def _collapse(self, result: Mapping[str, Any], loss: float | None) -> PruneReason | None:
+        spec = self.collapse
+        if spec is None or spec.max_grad_norm is None:
+            return None
+        norm = finite_float(result.get(GRAD_NORM_KEY))
+        previous = self.previous_loss
+        flat = (loss is not None and previous is not None and norm is not None and norm < spec.max_grad_norm
+                and abs(loss - previous) <= spec.max_loss_change * max(abs(previous), 1e-12))
+        self.flat_reports = self.flat_reports + 1 if flat else 0
+        if self.flat_reports < spec.patience:
+            return None
+        return PruneReason(f"decoder collapsed to a constant: |g| {norm:.3g} < collapse.max_grad_norm="
+                           f"{spec.max_grad_norm:g} and loss flat at {loss:.4g} for {self.flat_reports} reports "
+                           f"(step {result.get('train/step')})", PRUNED_COLLAPSED)
 
 
-def replay(results: Iterable[Mapping[str, Any]], spec: DivergenceSpec) -> tuple[str | None, int]:
+def replay(results: Iterable[Mapping[str, Any]], spec: DivergenceSpec, collapse: CollapseSpec | None = None,
+           ) -> tuple[PruneReason | None, int]:
     """Run the stopper's decisions over a trial's reports: (reason, 1-based index of the pruning report)."""
-    best: float | None = None
+    watch = TrialWatch(spec, collapse)
     for index, result in enumerate(results, start=1):
-        reason = divergence_reason(result, best, spec)
+        reason = watch.observe(result)
         if reason is not None:
             return reason, index
-        best = _better_best(best, result)
     return None, 0
 
 
 class DivergenceStopper(Stopper):
-    """A ``tune.Stopper`` pruning diverging trials; ``reasons`` maps each pruned trial id to why."""
+    """A ``tune.Stopper`` pruning diverging and collapsed trials; ``reasons`` maps each pruned trial id to
+    why (a :class:`PruneReason`, whose ``status`` says which)."""
 
-    def __init__(self, spec: DivergenceSpec) -> None:
-        self.spec = spec
-        self.best_loss: dict[str, float] = {}
+    def __init__(self, spec: DivergenceSpec, collapse: CollapseSpec | None = None) -> None:
+        self.spec, self.collapse = spec, collapse
+        self.watches: dict[str, TrialWatch] = {}
         self.reasons: dict[str, str] = {}
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         if trial_id in self.reasons:
             return True
-        best = self.best_loss.get(trial_id)
-        reason = divergence_reason(result, best, self.spec)
+        watch = self.watches.setdefault(trial_id, TrialWatch(self.spec, self.collapse))
+        reason = watch.observe(result)
         if reason is not None:
             self.reasons[trial_id] = reason
             return True
-        new_best = _better_best(best, result)
-        if new_best is not None:
-            self.best_loss[trial_id] = new_best
         return False
 
     def stop_all(self) -> bool:

@@ -129,7 +129,7 @@ def run(cfg: config_mod.TrainConfig, spec: SearchSpec, name: str, *, num_scenes:
     record = _sweep_record(cfg, spec)
     if overwrite and directory.exists():
         shutil.rmtree(directory)
-    stopper = DivergenceStopper(spec.divergence)
+    stopper = DivergenceStopper(spec.divergence, spec.collapse)
     started = time.perf_counter()
     if tune.Tuner.can_restore(str(directory)):
         _check_same_sweep(directory, record)

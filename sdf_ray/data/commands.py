@@ -28,6 +28,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     synth.add_argument("--samples-per-scene", type=int, default=16384, metavar="M",
                        help="samples per scene, even (default 16384)")
     synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    synth.add_argument("--surface-samples", type=int, default=30_000, metavar="K",
+                       help="exact ground-truth surface points per scene, with normals (default 30000, as DeepSDF; "
+                            "0: none)")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     synth.set_defaults(func=cmd_synth)
 
@@ -51,9 +54,11 @@ def _summary(verb: str, manifest: Any, out: str, seconds: float) -> str:
     from sdf_ray.data.info import format_bytes
 
     d = Path(out)
-    size = sum((d / f.name).stat().st_size for f in manifest.files) + (d / MANIFEST_NAME).stat().st_size
+    size = (sum((d / f.name).stat().st_size for f in (*manifest.files, *manifest.surface_files))
+            + (d / MANIFEST_NAME).stat().st_size)
     return (f"{verb} {manifest.num_scenes:,} scenes, {manifest.num_samples:,} samples to {out} "
-            f"({format_bytes(size)}) in {seconds:.1f} s")
+            f"({format_bytes(size)}) in {seconds:.1f} s; "
+            f"{manifest.num_with_ground_truth:,} with ground truth")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

@@ -33,7 +33,8 @@ def dataset_info(path: str | Path) -> dict[str, Any]:
             raise DataError(f"corrupt or truncated Parquet file {f.name} in {d}: {e}") from None
     num_pos, num_neg = manifest.num_pos, manifest.num_neg
     per_scene = [s.num_rows for s in manifest.scenes]
-    size = sum((d / f.name).stat().st_size for f in manifest.files) + (d / MANIFEST_NAME).stat().st_size
+    files = manifest.files + manifest.surface_files
+    size = sum((d / f.name).stat().st_size for f in files) + (d / MANIFEST_NAME).stat().st_size
     return {
         "path": str(d),
         "source": manifest.source,
@@ -49,6 +50,10 @@ def dataset_info(path: str | Path) -> dict[str, Any]:
         "sdf_max": sdf_max,
         "sdf_mean_abs": abs_sum / max(count, 1),
         "dropped_nan_rows": manifest.dropped_nan_rows,
+        "num_with_ground_truth": manifest.num_with_ground_truth,
+        "num_surface_samples": manifest.num_surface_samples,
+        "num_with_surface_normals": sum(1 for s in manifest.scenes if s.num_surface and s.surface_has_normals),
+        "format_version": manifest.format_version,
         "size_bytes": size,
     }
 
@@ -59,6 +64,16 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def _ground_truth(info: dict[str, Any]) -> str:
+    n, total = info["num_with_ground_truth"], info["num_scenes"]
+    if not n:
+        return "none: no scene has ground-truth surface samples (reconstruction metrics need them)"
+    normals = info["num_with_surface_normals"]
+    with_normals = "with normals" if normals == n else f"{normals:,} of them with normals"
+    return (f"{n:,} of {total:,} scenes with ground-truth surface samples ({info['num_surface_samples']:,} points, "
+            f"{with_normals})")
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -74,5 +89,6 @@ def format_info(info: dict[str, Any]) -> str:
         f"({100 * info['pos_fraction']:.1f}% positive)",
         f"sdf       min {info['sdf_min']:.4g}, max {info['sdf_max']:.4g}, mean |sdf| {info['sdf_mean_abs']:.4g}",
         f"dropped   {info['dropped_nan_rows']:,} NaN rows at import",
+        f"truth     {_ground_truth(info)}",
     ]
     return "\n".join(lines)

@@ -1,267 +1,39 @@
-"""Synthetic scenes: analytic shapes with exact signed distance functions, sampled like DeepSDF.
+"""Synthetic datasets: random analytic shapes with exact SDFs, sampled like DeepSDF, with exact ground truth.
 
-Each scene is one primitive (sphere, box, rounded box, torus, capsule, capped cylinder, capped cone) or a
-smooth union of 2-3 of them, with random sizes, rotation and translation, normalised into the unit sphere.
+Each scene is one primitive or a smooth union of 2-3 of them (:mod:`~sdf_ray.data.synth_shapes`).
 Samples follow DeepSDF's recipe: ~47% of the points near the surface with Gaussian noise of variance
-0.0025, ~47% with variance 0.00025, ~6% uniform in [-1, 1]^3. Surface points are found by projecting
+0.0025, ~47% with variance 0.00025, ~6% uniform in [-1, 1]^3, around surface points found by projecting
 random points onto the surface with a few Newton steps along the (finite-difference) gradient.
+Every scene also carries exact ground truth: area-uniform surface samples with their normals, in the shape's
+original frame (:mod:`~sdf_ray.data.synth_surface`), 30,000 by default like DeepSDF's SurfaceSamples.
 
 Everything is deterministic in ``(seed, index)``: ``np.random.default_rng([seed, index])`` draws the
-shape first, then the samples, so :func:`synth_shape` rebuilds exactly the shape :func:`synth_scene` sampled.
+shape first, then the samples, so :func:`synth_shape` rebuilds exactly the shape :func:`synth_scene` sampled;
+the ground truth comes from a stream of its own, ``[seed, index, 1]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from sdf_ray.data.format import Manifest, SceneSamples, write_dataset
+from sdf_ray.data.synth_shapes import SynthShape, draw_shape, project_to_surface, seed_key, synth_shape
+from sdf_ray.data.synth_surface import surface_samples
 from sdf_ray.errors import DataError
 
-PRIMITIVES = ("sphere", "box", "rounded_box", "torus", "capsule", "cylinder", "cone")
+__all__ = ["DEFAULT_SURFACE_SAMPLES", "SynthShape", "check_synth_args", "surface_samples", "synth_dataset",
+           "synth_scene", "synth_shape"]
+
 NEAR_SIGMAS = (float(np.sqrt(0.0025)), float(np.sqrt(0.00025)))
 UNIFORM_FRACTION = 0.06
-NORMALIZATION_BUFFER = 1.03  # as DeepSDF: the shape ends up strictly inside the unit sphere
+DEFAULT_SURFACE_SAMPLES = 30_000  # ground-truth points per scene, as DeepSDF's SurfaceSamples
 
 
 # --------------------------------------------------------------------------------------------------
-# Exact SDFs of primitives in their local frame (main axis = y). p: (N, 3) float64.
-
-
-def _length(*parts: np.ndarray) -> np.ndarray:
-    return np.sqrt(sum(q * q for q in parts))  # type: ignore[return-value]
-
-
-def sdf_sphere(p: np.ndarray, r: float) -> np.ndarray:
-    return np.sqrt(np.einsum("nd,nd->n", p, p)) - r
-
-
-def sdf_box(p: np.ndarray, bx: float, by: float, bz: float) -> np.ndarray:
-    qx, qy, qz = np.abs(p[:, 0]) - bx, np.abs(p[:, 1]) - by, np.abs(p[:, 2]) - bz
-    outside = _length(np.maximum(qx, 0.0), np.maximum(qy, 0.0), np.maximum(qz, 0.0))
-    inside = np.minimum(np.maximum(np.maximum(qx, qy), qz), 0.0)
-    return outside + inside
-
-
-def sdf_rounded_box(p: np.ndarray, bx: float, by: float, bz: float, r: float) -> np.ndarray:
-    """Box of half extents (bx, by, bz) whose edges are rounded with radius r (< min half extent)."""
-    return sdf_box(p, bx - r, by - r, bz - r) - r
-
-
-def sdf_torus(p: np.ndarray, big_r: float, r: float) -> np.ndarray:
-    qx = _length(p[:, 0], p[:, 2]) - big_r
-    return _length(qx, p[:, 1]) - r
-
-
-def sdf_capsule(p: np.ndarray, h: float, r: float) -> np.ndarray:
-    """Segment from (0,-h,0) to (0,h,0) thickened by r."""
-    y = p[:, 1] - np.clip(p[:, 1], -h, h)
-    return _length(p[:, 0], y, p[:, 2]) - r
-
-
-def sdf_cylinder(p: np.ndarray, r: float, h: float) -> np.ndarray:
-    """Capped cylinder of radius r and half height h."""
-    dx = _length(p[:, 0], p[:, 2]) - r
-    dy = np.abs(p[:, 1]) - h
-    return np.minimum(np.maximum(dx, dy), 0.0) + _length(np.maximum(dx, 0.0), np.maximum(dy, 0.0))
-
-
-def sdf_cone(p: np.ndarray, h: float, r1: float, r2: float) -> np.ndarray:
-    """Capped cone of half height h, radius r1 at y=-h and r2 at y=+h (Inigo Quilez's exact formula)."""
-    qx = _length(p[:, 0], p[:, 2])
-    qy = p[:, 1]
-    k2x, k2y = r2 - r1, 2.0 * h
-    ca_x = qx - np.minimum(qx, np.where(qy < 0.0, r1, r2))
-    ca_y = np.abs(qy) - h
-    t = np.clip(((r2 - qx) * k2x + (h - qy) * k2y) / (k2x * k2x + k2y * k2y), 0.0, 1.0)
-    cb_x = qx - r2 + k2x * t
-    cb_y = qy - h + k2y * t
-    s = np.where((cb_x < 0.0) & (ca_y < 0.0), -1.0, 1.0)
-    return s * np.sqrt(np.minimum(ca_x * ca_x + ca_y * ca_y, cb_x * cb_x + cb_y * cb_y))
-
-
-_SDF: dict[str, Callable[..., np.ndarray]] = {
-    "sphere": sdf_sphere,
-    "box": sdf_box,
-    "rounded_box": sdf_rounded_box,
-    "torus": sdf_torus,
-    "capsule": sdf_capsule,
-    "cylinder": sdf_cylinder,
-    "cone": sdf_cone,
-}
-
-
-def smooth_min(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
-    """Polynomial smooth minimum: equals min(a, b) where |a - b| >= k, never below min(a, b) - k/4."""
-    h = np.maximum(k - np.abs(a - b), 0.0) / k
-    return np.minimum(a, b) - h * h * k * 0.25
-
-
-# --------------------------------------------------------------------------------------------------
-# Shapes
-
-
-@dataclass(frozen=True)
-class Primitive:
-    kind: str
-    params: tuple[float, ...]
-    rotation: np.ndarray
-    """(3, 3); columns are the local axes expressed in world coordinates."""
-    translation: np.ndarray
-
-    @property
-    def bounding_radius(self) -> float:
-        """Radius of a sphere around ``translation`` that contains the primitive."""
-        p = self.params
-        if self.kind == "sphere":
-            return p[0]
-        if self.kind in ("box", "rounded_box"):
-            return float(np.linalg.norm(p[:3]))
-        if self.kind == "torus":
-            return p[0] + p[1]
-        if self.kind == "capsule":
-            return p[0] + p[1]
-        if self.kind == "cylinder":
-            return float(np.hypot(p[0], p[1]))
-        if self.kind == "cone":
-            return float(np.hypot(p[0], max(p[1], p[2])))
-        raise AssertionError(self.kind)
-
-    def sdf(self, world_N3: np.ndarray) -> np.ndarray:
-        local = (world_N3 - self.translation) @ self.rotation
-        return _SDF[self.kind](local, *self.params)
-
-
-@dataclass(frozen=True)
-class SynthShape:
-    """A primitive or a smooth union of primitives, plus the map into the unit sphere.
-
-    ``normalized = (world + offset) * scale``. :meth:`sdf` takes normalised points and returns the SDF in
-    normalised units (the world SDF times ``scale``). For a single primitive it is the exact signed distance.
-    For a smooth union it is the polynomial smooth-min of exact distances: its zero set is the blended
-    surface, its sign is right everywhere and it equals the exact distance away from the blend region, but
-    near the blend it underestimates the true distance by up to ``k/4`` (it is a bound, not a distance).
-    """
-
-    primitives: tuple[Primitive, ...]
-    blend_k: float
-    offset: np.ndarray
-    scale: float
-
-    @property
-    def kind(self) -> str:
-        if len(self.primitives) == 1:
-            return self.primitives[0].kind
-        return "union-" + "-".join(p.kind for p in self.primitives)
-
-    def sdf(self, xyz_N3: np.ndarray) -> np.ndarray:
-        world = np.asarray(xyz_N3, dtype=np.float64) / self.scale - self.offset
-        d = self.primitives[0].sdf(world)
-        for prim in self.primitives[1:]:
-            d = smooth_min(d, prim.sdf(world), self.blend_k)
-        return d * self.scale
-
-
-def _random_rotation(rng: np.random.Generator) -> np.ndarray:
-    q = rng.normal(size=4)
-    w, x, y, z = q / np.linalg.norm(q)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
-
-
-def _random_params(kind: str, rng: np.random.Generator) -> tuple[float, ...]:
-    u = rng.uniform
-    if kind == "sphere":
-        return (u(0.3, 0.8),)
-    if kind == "box":
-        return (u(0.15, 0.7), u(0.15, 0.7), u(0.15, 0.7))
-    if kind == "rounded_box":
-        b = (u(0.2, 0.7), u(0.2, 0.7), u(0.2, 0.7))
-        return (*b, u(0.05, 0.6) * min(b))
-    if kind == "torus":
-        big_r = u(0.35, 0.7)
-        return (big_r, u(0.15, 0.45) * big_r)
-    if kind == "capsule":
-        return (u(0.15, 0.6), u(0.12, 0.35))
-    if kind == "cylinder":
-        return (u(0.15, 0.5), u(0.15, 0.6))
-    if kind == "cone":
-        return (u(0.2, 0.6), u(0.15, 0.6), u(0.05, 0.4))
-    raise AssertionError(kind)
-
-
-def _draw_shape(rng: np.random.Generator) -> SynthShape:
-    # 7 primitives + unions, unions about 30% of scenes.
-    if rng.uniform() < 0.3:
-        kinds = [str(k) for k in rng.choice(PRIMITIVES, size=int(rng.integers(2, 4)), replace=True)]
-        spread = 0.35
-    else:
-        kinds = [str(rng.choice(PRIMITIVES))]
-        spread = 0.0
-    prims = tuple(
-        Primitive(kind=k, params=_random_params(k, rng), rotation=_random_rotation(rng),
-                  translation=rng.normal(scale=spread, size=3) if spread else rng.uniform(-0.2, 0.2, size=3))
-        for k in kinds
-    )
-    blend_k = float(rng.uniform(0.1, 0.3)) if len(prims) > 1 else 0.0
-    t = np.stack([p.translation for p in prims])
-    r = np.array([p.bounding_radius for p in prims])
-    center = 0.5 * ((t - r[:, None]).min(axis=0) + (t + r[:, None]).max(axis=0))
-    # The smooth union grows the shape by at most blend_k / 4 beyond the plain union.
-    radius = float((np.linalg.norm(t - center, axis=1) + r).max()) + blend_k / 4
-    return SynthShape(primitives=prims, blend_k=blend_k, offset=-center, scale=1.0 / (radius * NORMALIZATION_BUFFER))
-
-
-def synth_shape(index: int, seed: int) -> SynthShape:
-    """The shape of scene ``index`` for ``seed`` (the same one :func:`synth_scene` samples)."""
-    return _draw_shape(np.random.default_rng(_seed_key(seed, index)))
-
-
-def _seed_key(seed: int, index: int) -> list[int]:
-    if seed < 0 or index < 0:
-        raise DataError(f"seed and scene index must be non-negative, got seed={seed}, index={index}")
-    return [int(seed), int(index)]
-
-
-# --------------------------------------------------------------------------------------------------
-# Sampling
-
-_TETRA = np.array([[1, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1]], dtype=np.float64)
-
-
-def _newton_step(shape: SynthShape, p: np.ndarray, eps: float = 1e-4) -> np.ndarray:
-    """``p - f(p) * g / |g|^2`` with a tetrahedral finite-difference gradient (4 SDF evaluations per point)."""
-    n = len(p)
-    vals = shape.sdf((p[None, :, :] + eps * _TETRA[:, None, :]).reshape(-1, 3)).reshape(4, n)
-    f = vals.mean(axis=0)  # second-order accurate since the tetrahedron's vertices sum to zero
-    g = np.einsum("kn,kd->nd", vals, _TETRA) / (4 * eps)
-    g2 = np.maximum(np.einsum("nd,nd->n", g, g), 1e-12)
-    return p - (f / g2)[:, None] * g
-
-
-def project_to_surface(shape: SynthShape, p_N3: np.ndarray, num_steps: int, tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
-    """Newton-project points onto the zero set; returns (points, converged mask with |sdf| < tol).
-
-    Later steps only touch points that have not converged yet. Points that start near the medial axis
-    (where the gradient vanishes) may not converge: callers drop them.
-    """
-    p = np.array(p_N3, dtype=np.float64)
-    active = np.arange(len(p))
-    converged = np.zeros(len(p), dtype=bool)
-    for _ in range(num_steps):
-        p[active] = _newton_step(shape, p[active])
-        ok = np.abs(shape.sdf(p[active])) < tol
-        converged[active[ok]] = True
-        active = active[~ok]
-        if not active.size:
-            break
-    return p, converged
+# Sampling of SDF samples
 
 
 def _surface_points(shape: SynthShape, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -296,15 +68,19 @@ def _draw_points(shape: SynthShape, rng: np.random.Generator, num_samples: int) 
     return np.concatenate([near, uniform])
 
 
-def synth_scene(index: int, seed: int, num_samples: int) -> SceneSamples:
-    """Scene ``index`` of the synthetic dataset ``seed``: ``num_samples`` points with their SDF.
+def synth_scene(index: int, seed: int, num_samples: int, num_surface: int = DEFAULT_SURFACE_SAMPLES) -> SceneSamples:
+    """Scene ``index`` of the synthetic dataset ``seed``: ``num_samples`` points with their SDF, and
+    ``num_surface`` ground-truth surface points with their normals (0: none).
 
-    Guaranteed to contain both signs (points are redrawn in the rare case one side is empty).
+    Guaranteed to contain both signs (points are redrawn in the rare case one side is empty). The surface
+    samples come from a random stream of their own, so the SDF samples do not depend on ``num_surface``.
     """
     if num_samples < 2:
         raise DataError(f"a synthetic scene needs at least 2 samples, got {num_samples}")
-    rng = np.random.default_rng(_seed_key(seed, index))
-    shape = _draw_shape(rng)
+    if num_surface < 0:
+        raise DataError(f"the number of surface samples must be >= 0, got {num_surface}")
+    rng = np.random.default_rng(seed_key(seed, index))
+    shape = draw_shape(rng)
     for _ in range(100):
         xyz = _draw_points(shape, rng, num_samples).astype(np.float32)
         # The SDF of the stored float32 point, so stored values are exact for what is stored.
@@ -315,28 +91,35 @@ def synth_scene(index: int, seed: int, num_samples: int) -> SceneSamples:
             break
     else:  # pragma: no cover - probability ~2^-100
         raise AssertionError("could not draw samples of both signs")
+    points = normals = None
+    if num_surface:
+        points, normals = surface_samples(shape, np.random.default_rng([*seed_key(seed, index), 1]), num_surface)
     return SceneSamples(
         name=f"synth-{index:06d}-{shape.kind.replace('_', '-')}",
         pos_N4=samples[is_pos],
         neg_N4=samples[~is_pos],
         normalization={"offset": [float(v) for v in shape.offset], "scale": float(shape.scale)},
+        surface_points_M3=None if points is None else points.astype(np.float32),
+        surface_normals_M3=None if normals is None else normals.astype(np.float32),
     )
 
 
 def synth_dataset(out_dir: str | Path, num_scenes: int, samples_per_scene: int, seed: int,
-                  overwrite: bool = False) -> Manifest:
-    """Generate ``num_scenes`` synthetic scenes and write them as a dataset at ``out_dir`` (atomically)."""
-    check_synth_args(num_scenes, samples_per_scene, seed)
+                  overwrite: bool = False, *, surface_samples_per_scene: int = DEFAULT_SURFACE_SAMPLES) -> Manifest:
+    """Generate ``num_scenes`` synthetic scenes and write them as a dataset at ``out_dir`` (atomically), each
+    with ``surface_samples_per_scene`` ground-truth surface samples (0: none)."""
+    check_synth_args(num_scenes, samples_per_scene, seed, surface_samples_per_scene)
 
     def scenes() -> Iterator[SceneSamples]:
         for i in range(num_scenes):
-            yield synth_scene(i, seed, samples_per_scene)
+            yield synth_scene(i, seed, samples_per_scene, surface_samples_per_scene)
 
     source = {"type": "synth", "num_scenes": num_scenes, "samples_per_scene": samples_per_scene, "seed": seed}
     return write_dataset(out_dir, scenes(), source, overwrite=overwrite)
 
 
-def check_synth_args(num_scenes: int, samples_per_scene: int, seed: int) -> None:
+def check_synth_args(num_scenes: int, samples_per_scene: int, seed: int,
+                     surface_samples_per_scene: int = DEFAULT_SURFACE_SAMPLES) -> None:
     """Raise DataError on arguments :func:`synth_dataset` cannot honour."""
     if num_scenes <= 0:
         raise DataError(f"number of scenes must be positive, got {num_scenes}")
@@ -344,3 +127,6 @@ def check_synth_args(num_scenes: int, samples_per_scene: int, seed: int) -> None
         raise DataError(f"samples per scene must be a positive even number, got {samples_per_scene}")
     if seed < 0:
         raise DataError(f"seed must be non-negative, got {seed}")
+    if surface_samples_per_scene < 0:
+        raise DataError(f"surface samples per scene must be >= 0 (0: no ground truth), got "
+                        f"{surface_samples_per_scene}")
