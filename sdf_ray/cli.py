@@ -43,13 +43,20 @@ def _print_summary(summary: dict[str, Any]) -> None:
           f"samples/s {summary.get('samples_per_s', 0):,.0f}\n"
           f"  skipped steps {summary.get('skipped_steps')}  rollbacks {summary.get('rollbacks')}  "
           f"restarts {summary.get('restarts')}  replica checksums {same} ({len(checks)} ranks)")
+    if "precision" in summary:
+        print(f"  device {summary.get('device')}  precision {summary['precision']}  "
+              f"compile {'on' if summary.get('compile') else 'off'}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sdf_ray import launch
-    from sdf_ray.ray_session import connect_ray
+    from sdf_ray.fsutil import write_json_atomic
+    from sdf_ray.ray_session import EXISTING_SESSION, connect_ray, disconnect_ray
+    from sdf_ray.run_files import SUMMARY_FILE
     from sdf_ray.run_schedule import RunSchedule
+    from sdf_ray.startup import StartupClock, format_breakdown
 
+    clock = StartupClock()  # from this process's start: the command
     cfg = launch.resolve_paths(load_config(args))
     num_scenes = launch.check_dataset(cfg)
     directory, resuming = launch.prepare_run_dir(cfg, overwrite=args.overwrite)
@@ -60,15 +67,30 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"further or pass --overwrite to start again")
         _print_summary(previous)
         return EXIT_OK
+    clock.mark("config_checked")
     where = connect_ray(args.address)
+    clock.mark("ray_connected")
     launch.check_cluster_resources(cfg)
     warning = launch.storage_warning(cfg.checkpoint.storage_path, launch.num_alive_nodes())
     if warning:
         log.warning("warning: %s", warning)
     print(f"sdf-ray train: {cfg.scaling.num_workers} worker(s) on {where}; run directory {directory}"
           + (" (resuming)" if resuming else ""), flush=True)
-    summary = launch.fit(cfg)
+    summary = launch.fit(cfg, startup=clock)
+    if where != EXISTING_SESSION:  # a session this command started or joined ends with it
+        disconnect_ray()
+    clock.mark("exit")
+    summary = clock.complete(summary)
+    write_json_atomic(directory / SUMMARY_FILE, summary)
     _print_summary(summary)
+    breakdown = format_breakdown(summary)
+    if breakdown:
+        print(breakdown)
+    from sdf_ray.plots import write_training_plot
+
+    plot = write_training_plot(directory)  # never raises: a plotting error is a warning
+    if plot is not None:
+        print(f"  training plot {plot}")
     return {"finished": EXIT_OK, "diverged": EXIT_DIVERGED}.get(summary["status"], EXIT_FAILED)
 
 
@@ -90,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, positional=True)
     p.set_defaults(func=cmd_print_config)
 
-    for module in ("sdf_ray.data.commands", "tuning.cli", "sdf_ray.bench"):
+    for module in ("sdf_ray.data.commands", "tuning.cli", "sdf_ray.bench", "sdf_ray.shapes.commands", "sdf_ray.plot_command"):
         importlib.import_module(module).register(sub)
     return parser
 

@@ -50,6 +50,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"sdf-ray tune: {name} on {where}", flush=True)
     summary = sweep.run(cfg, spec, name, num_scenes=num_scenes, overwrite=args.overwrite)
     print(outputs.format_table(spec, summary))
+    from sdf_ray.plots import write_sweep_plot
+
+    plot = write_sweep_plot(summary["directory"])
+    if plot is not None:
+        print(f"sweep plot {plot}")
     if summary["status_counts"].get("unfinished"):
         print(f"sdf-ray tune: interrupted with {summary['status_counts']['unfinished']} trial(s) unfinished; "
               "re-run the same command to resume")

@@ -1,0 +1,104 @@
+"""Per-stage throughput of the output end on one device (no Ray): ``python -m sdf_ray.shapes.bench``.
+
+- optimise: :func:`reconstruct_codes` for a batch of shapes with the DeepSDF-size decoder (random weights: the
+  cost does not depend on them), ``num_iterations`` x ``samples_per_iteration``;
+- decode: the coarse-to-fine grid of each shape. A random decoder has no realistic surface, so the points a
+  shape needs are counted on analytic synthetic shapes (``sdf_ray.data.synth``) and decoded through the real
+  decoder at that count;
+- mesh: marching cubes on those analytic shapes' sparse grids (CPU, one core).
+
+Prints one line per stage (seconds per shape, shapes/s) and the peak device memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdf_ray import config as config_mod
+from sdf_ray.model import DeepSDFDecoder
+from sdf_ray.shapes.config import ReconstructConfig
+from sdf_ray.shapes.decode import decode_shared
+from sdf_ray.shapes.meshing import GridSpec, decode_grid, extract_mesh
+from sdf_ray.shapes.reconstruct import SampleBank, freeze, reconstruct_codes
+from sdf_ray.shapes.samples import ShapeSamples
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", type=int, default=64, help="shapes per batch")
+    p.add_argument("--iterations", type=int, default=800)
+    p.add_argument("--samples", type=int, default=8000)
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
+    p.add_argument("--mesh-shapes", type=int, default=4, help="analytic shapes for the decode and mesh stages")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder for the optimisation")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cfg = dataclasses.replace(ReconstructConfig(), num_iterations=args.iterations, samples_per_iteration=args.samples,
+                              precision=args.precision, mesh_resolution=args.resolution)
+    decoder = freeze(DeepSDFDecoder(config_mod.TrainConfig().model).to(device))
+    rng = np.random.default_rng(0)
+    shapes = []
+    for i in range(args.shapes):
+        rows = rng.uniform(-1, 1, size=(250_000, 4)).astype(np.float32)
+        shapes.append(ShapeSamples(i, rows[rows[:, 3] > 0], rows[rows[:, 3] <= 0]))
+    bank = SampleBank.build(shapes, device)
+    optimised: Any = torch.compile(decoder) if args.compile else decoder
+    warm = dataclasses.replace(cfg, num_iterations=3)
+    t0 = time.perf_counter()
+    reconstruct_codes(optimised, bank, warm, 0.1, 256)
+    _sync(device)
+    print(f"warm-up (3 iterations{', compiling' if args.compile else ''}): {time.perf_counter() - t0:.1f} s")
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    codes = reconstruct_codes(optimised, bank, cfg, 0.1, 256)
+    _sync(device)
+    t_opt = time.perf_counter() - t0
+    print(f"optimise: {args.shapes} shapes x {args.iterations} it x {args.samples} samples ({args.precision}{', compiled' if args.compile else ''}) "
+          f"{t_opt:.2f} s = {t_opt / args.shapes:.4f} s/shape, {args.shapes / t_opt:.1f} shapes/s", flush=True)
+
+    from sdf_ray.data.synth import synth_shape
+
+    spec = GridSpec(cfg.mesh_resolution, cfg.mesh_coarse_stride, cfg.mesh_refine_margin)
+    counts, t_mesh = [], 0.0
+    for i in range(args.mesh_shapes):
+        grid = decode_grid(synth_shape(i, 0).sdf, spec)
+        counts.append(grid.num_decoded)
+        t1 = time.perf_counter()
+        result = extract_mesh(grid)
+        t_mesh += time.perf_counter() - t1
+        assert result.status == "ok"
+    points = int(np.mean(counts))
+    code = torch.stack([c.code for c in codes[:1]]).to(device)
+    xyz = torch.rand(points, 3, device=device) * 2 - 1
+    decode_shared(decoder, code, xyz[:1024], cfg.precision, cfg.points_per_forward)
+    _sync(device)
+    t1 = time.perf_counter()
+    reps = 3
+    for _ in range(reps):
+        decode_shared(decoder, code, xyz, cfg.precision, cfg.points_per_forward)
+    _sync(device)
+    t_dec = (time.perf_counter() - t1) / reps
+    print(f"decode: {points:,} points/shape at N={spec.resolution} (dense {spec.resolution ** 3:,}): "
+          f"{t_dec:.4f} s/shape, {1 / t_dec:.1f} shapes/s", flush=True)
+    print(f"mesh (CPU, 1 core): {t_mesh / args.mesh_shapes:.3f} s/shape", flush=True)
+    if device.type == "cuda":
+        print(f"peak device memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()

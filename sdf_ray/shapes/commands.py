@@ -1,0 +1,336 @@
+"""``sdf-ray reconstruct``, ``sdf-ray mesh`` and ``sdf-ray evaluate``.
+
+The CLI calls :func:`register` with its subparsers; each command sets ``func(args) -> int``. Every check that
+can fail on the user's input (run directory, dataset, settings, output directory) runs before Ray starts, and
+raises a ``UserError`` the CLI prints as one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdf_ray.errors import ConfigError, DataError
+
+log = logging.getLogger("sdf_ray")
+MESH_SUFFIXES = (".ply", ".obj", ".off", ".stl")
+# Settings that change how the work is spread, not what it computes (a batch equals separate runs): a resumed
+# job may change them.
+_DISTRIBUTION_KEYS = ("device", "num_workers", "cpus_per_worker", "cpus_per_mesh_task", "max_pending_shapes",
+                      "shapes_per_batch", "points_per_forward")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``reconstruct``, ``mesh`` and ``evaluate`` to an ``argparse`` subparsers object."""
+    common_set = dict(dest="overrides", action="append", default=[], metavar="reconstruct.KEY=VALUE",
+                      help="override one reconstruct setting (YAML-parsed), repeatable")
+    address = dict(help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+
+    p = subparsers.add_parser("reconstruct", help="reconstruct unseen shapes with a trained decoder, mesh and "
+                              "measure them", description="Optimise one latent code per scene of DATASET with "
+                              "the run's decoder frozen, mesh each shape and measure it against ground truth.")
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="training run directory (holds checkpoint_*)")
+    p.add_argument("--data", required=True, metavar="DATASET", help="dataset of the shapes to reconstruct")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (re-running resumes)")
+    p.add_argument("--scenes", nargs="+", metavar="NAME", help="only these scenes (default: all)")
+    p.add_argument("--set", **common_set)  # type: ignore[arg-type]
+    p.add_argument("--address", **address)  # type: ignore[arg-type]
+    p.add_argument("--overwrite", action="store_true", help="discard results in DIR from another job")
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = subparsers.add_parser("mesh", help="mesh training scenes from their learned codes",
+                              description="Mesh a run's training scenes from the codes in its latest checkpoint "
+                              "(and measure them where the dataset has ground truth).")
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="training run directory (holds checkpoint_*)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (re-running resumes)")
+    p.add_argument("--scenes", nargs="+", metavar="NAME", help="only these scenes (default: all)")
+    p.add_argument("--data", metavar="DATASET", help="the training dataset (default: the run's data.path)")
+    p.add_argument("--set", **common_set)  # type: ignore[arg-type]
+    p.add_argument("--address", **address)  # type: ignore[arg-type]
+    p.add_argument("--overwrite", action="store_true", help="discard results in DIR from another job")
+    p.set_defaults(func=cmd_mesh)
+
+    p = subparsers.add_parser("evaluate", help="measure existing meshes against a dataset's ground truth",
+                              description="Compute the reconstruction metrics for meshes made elsewhere: "
+                              "DIR/meshes/<scene>.ply (or DIR/<scene>.ply, .obj, .off, .stl).")
+    p.add_argument("--meshes", required=True, metavar="DIR", help="directory of meshes named after the scenes")
+    p.add_argument("--data", required=True, metavar="DATASET", help="dataset with ground truth")
+    p.add_argument("--out", metavar="OUT", help="where metrics.csv and summary.json go (default: DIR/evaluation)")
+    p.add_argument("--frame", choices=("normalized", "original"), default="normalized",
+                   help="frame the meshes are in (default: normalized, as DeepSDF writes them)")
+    p.add_argument("--set", **common_set)  # type: ignore[arg-type]
+    p.add_argument("--address", **address)  # type: ignore[arg-type]
+    p.set_defaults(func=cmd_evaluate)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared checks
+
+
+def _connect(address: str | None) -> str:
+    try:
+        from sdf_ray.ray_session import connect_ray
+    except ImportError:  # before the Ray session module existed
+        from sdf_ray.cli import connect_ray  # type: ignore[attr-defined,no-redef]
+    return connect_ray(address, fast_reports=False)
+
+
+def _dataset(path: str) -> tuple[Path, Any]:
+    from sdf_ray.data.format import validate_files
+
+    if not path:
+        raise DataError("dataset path must not be empty")
+    d = Path(path).expanduser().resolve()
+    return d, validate_files(d)
+
+
+def select_scenes(manifest: Any, names: Sequence[str] | None) -> list[int]:
+    """Global ids of ``names`` (all scenes when None); an unknown name is a DataError with a suggestion."""
+    all_names = [s.name for s in manifest.scenes]
+    if not names:
+        return list(range(len(all_names)))
+    index = {n: i for i, n in enumerate(all_names)}
+    unknown = [n for n in names if n not in index]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], all_names, n=1)
+        hint = f", did you mean {close[0]!r}?" if close else ""
+        raise DataError(f"--scenes: {len(unknown)} unknown scene(s), first {unknown[0]!r}{hint}")
+    return list(dict.fromkeys(index[n] for n in names))
+
+
+def scene_infos(manifest: Any, ids: Sequence[int]) -> list[Any]:
+    from sdf_ray.shapes import ground_truth
+    from sdf_ray.shapes.outputs import SceneInfo
+
+    has_gt = ground_truth.supported()
+    return [SceneInfo(i, manifest.scenes[i].name, dict(manifest.scenes[i].normalization),
+                      has_gt and ground_truth.num_surface(manifest, i) > 0) for i in ids]
+
+
+def _job_record(command: str, cfg: Any, **fields: Any) -> dict[str, Any]:
+    from sdf_ray.shapes.config import to_dict
+
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in _DISTRIBUTION_KEYS}
+    return {"command": command, **fields, "reconstruct": settings}
+
+
+def _contact_sheet(out_dir: Path, rows: Sequence[dict[str, Any]], data_path: str | None,
+                   max_entries: int = 16) -> Path | None:
+    """``DIR/reconstructions.png``: up to ``max_entries`` shapes (evenly spread in name order) rendered next to
+    their ground truth, in the normalised frame (``sdf_ray.plots.contact_sheet``)."""
+    from sdf_ray.plots import SheetEntry, contact_sheet
+    from sdf_ray.shapes.ground_truth import load_ground_truth
+    from sdf_ray.shapes.meshing import read_mesh, to_normalized_frame
+    from sdf_ray.shapes.outputs import PICTURE_FILE
+
+    ordered = sorted(rows, key=lambda r: r["scene"])
+    if not ordered:
+        return None
+    picks = sorted({int(i) for i in np.linspace(0, len(ordered) - 1, min(max_entries, len(ordered))).round()})
+    entries = []
+    try:
+        for row in (ordered[i] for i in picks):
+            verts = faces = gt_points = None
+            if row.get("status") == "ok" and row.get("mesh"):
+                mesh = read_mesh(out_dir / row["mesh"])
+                verts, faces = mesh.verts_V3, mesh.faces_F3
+            if data_path and row.get("has_ground_truth"):
+                gt = load_ground_truth(data_path, int(row["scene_id"]), {"offset": [0, 0, 0], "scale": 1.0})
+                gt_points = None if gt is None else to_normalized_frame(gt.points_M3, gt.normalization)
+            chamfer = row.get("chamfer_l2")
+            status = row.get("status", "")
+            entries.append(SheetEntry(name=row["scene"], vertices=verts, faces=faces, gt_points=gt_points,
+                                      chamfer=chamfer if isinstance(chamfer, float) and np.isfinite(chamfer) else None,
+                                      status="" if status == "ok" else f"{status}: {row.get('reason', '')}"))
+        return contact_sheet(entries, out_dir / PICTURE_FILE,
+                             title=f"{len(entries)} of {len(ordered)} shapes (normalised frame)")
+    except Exception as exc:  # the picture is a convenience: never lose the run's results over it
+        log.warning("could not draw %s: %s", PICTURE_FILE, exc)
+        return None
+
+
+def _finish(out_dir: Path, verb: str, rows: list[dict[str, Any]], started: float, new: int,
+            extra: dict[str, Any], data_path: str | None) -> int:
+    from sdf_ray.shapes.outputs import summarise, summary_lines, write_tables
+
+    summary = summarise(rows, seconds=time.perf_counter() - started, shapes_this_run=new, extra=extra)
+    write_tables(out_dir, rows, summary)
+    picture = _contact_sheet(out_dir, rows, data_path)
+    for line in summary_lines(summary):
+        print(line)
+    print(f"{verb}: results in {out_dir}" + (f"; picture {picture}" if picture else ""))
+    counts = summary["counts"]
+    return 1 if rows and counts["failed"] == len(rows) else 0
+
+
+def _resume(out_dir: Path, scenes: Sequence[Any]) -> tuple[list[dict[str, Any]], list[int]]:
+    """(records of shapes already done, positions in ``scenes`` still to do)."""
+    from sdf_ray.shapes.outputs import read_result
+
+    done, todo = [], []
+    for j, scene in enumerate(scenes):
+        row = read_result(out_dir, scene.name)
+        if row is None:
+            todo.append(j)
+        else:
+            done.append(row)
+    return done, todo
+
+
+def _run(verb: str, job: Any, scenes: list[Any], payload: dict[str, Any], codes: np.ndarray | None,
+         address: str | None, extra: dict[str, Any]) -> int:
+    from sdf_ray.shapes.pipeline import Progress, run_shapes
+
+    out_dir = Path(job.out_dir)
+    started = time.perf_counter()
+    done, todo = _resume(out_dir, scenes)
+    if done:
+        print(f"{verb}: {len(done)} of {len(scenes)} shapes already done in {out_dir}, {len(todo)} to go")
+    rows = list(done)
+    if todo:
+        where = _connect(address)
+        print(f"sdf-ray {verb}: {len(todo)} shapes on {where}", flush=True)
+        progress = Progress(verb, len(todo))
+        todo_scenes = [scenes[j] for j in todo]
+        todo_codes = None if codes is None else codes[todo]
+        rows += run_shapes(job, todo_scenes, payload, todo_codes, on_row=lambda r: progress.update(r["status"]))
+    return _finish(out_dir, verb, rows, started, len(todo), extra, job.data_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from sdf_ray.shapes.config import from_overrides
+    from sdf_ray.shapes.outputs import check_job
+    from sdf_ray.shapes.samples import load_shape_samples
+    from sdf_ray.shapes.trained_run import load_trained_run
+    from sdf_ray.shapes.work import Job
+
+    cfg = from_overrides(args.overrides)
+    run = load_trained_run(args.run)
+    data, manifest = _dataset(args.data)
+    ids = select_scenes(manifest, args.scenes)
+    load_shape_samples(data, ids[:1], manifest)  # an unreadable dataset fails here, in one line, before Ray
+    out_dir = _out_dir(args.out)
+    clamp = cfg.clamp_dist if cfg.clamp_dist is not None else run.config.loss.clamp_dist
+    record = _job_record("reconstruct", cfg, run=str(run.directory.resolve()), checkpoint=run.checkpoint.name,
+                         dataset=str(data), clamp_dist=clamp)
+    check_job(out_dir, record, args.overwrite)
+    scenes = scene_infos(manifest, ids)
+    if not any(s.has_ground_truth for s in scenes):
+        print("reconstruct: the dataset has no ground truth (surface samples): shapes are reconstructed and "
+              "meshed; the surface metrics need ground truth")
+    job = Job("reconstruct", str(out_dir), str(data), cfg, clamp, run.latent_size)
+    extra = {"command": "reconstruct", "run": str(run.directory), "checkpoint": run.checkpoint.name,
+             "dataset": str(data)}
+    return _run("reconstruct", job, scenes, run.decoder_payload(), None, args.address, extra)
+
+
+def cmd_mesh(args: argparse.Namespace) -> int:
+    from sdf_ray.shapes.config import from_overrides
+    from sdf_ray.shapes.outputs import SceneInfo, check_job
+    from sdf_ray.shapes.trained_run import load_trained_run
+    from sdf_ray.shapes.work import Job
+
+    cfg = from_overrides(args.overrides)
+    run = load_trained_run(args.run)
+    num_codes = run.latents_NL.shape[0]
+    data_arg = args.data or run.config.data.path
+    data: Path | None
+    if args.data or Path(data_arg).is_dir():
+        data, manifest = _dataset(data_arg)
+        if manifest.num_scenes != num_codes:
+            raise DataError(f"dataset {data} has {manifest.num_scenes} scenes but the run has {num_codes} codes: "
+                            f"not the run's training dataset")
+        ids = select_scenes(manifest, args.scenes)
+        scenes = scene_infos(manifest, ids)
+    else:
+        print(f"mesh: the run's dataset {data_arg} is not there: meshing from codes alone (scene-<id> names, "
+              f"normalised frame, no metrics); pass --data to use it")
+        data = None
+        names = [f"scene-{i:06d}" for i in range(num_codes)]
+        if args.scenes:
+            unknown = [n for n in args.scenes if n not in names]
+            if unknown:
+                raise DataError(f"--scenes: unknown scene {unknown[0]!r} (without the dataset, scenes are "
+                                f"scene-000000 .. scene-{num_codes - 1:06d})")
+        ids = [names.index(n) for n in args.scenes] if args.scenes else list(range(num_codes))
+        scenes = [SceneInfo(i, names[i], {"offset": [0.0, 0.0, 0.0], "scale": 1.0}, False) for i in ids]
+    out_dir = _out_dir(args.out)
+    record = _job_record("mesh", cfg, run=str(run.directory.resolve()), checkpoint=run.checkpoint.name,
+                         dataset=None if data is None else str(data))
+    check_job(out_dir, record, args.overwrite)
+    clamp = cfg.clamp_dist if cfg.clamp_dist is not None else run.config.loss.clamp_dist
+    job = Job("mesh", str(out_dir), None if data is None else str(data), cfg, clamp, run.latent_size)
+    codes = run.latents_NL.numpy()[ids]
+    extra = {"command": "mesh", "run": str(run.directory), "checkpoint": run.checkpoint.name,
+             "dataset": None if data is None else str(data)}
+    return _run("mesh", job, scenes, run.decoder_payload(), codes, args.address, extra)
+
+
+def find_mesh(mesh_dir: Path, name: str) -> Path | None:
+    """``DIR/meshes/<name>.<ext>`` or ``DIR/<name>.<ext>`` for the first known extension that exists."""
+    from sdf_ray.shapes.outputs import MESHES_DIR, scene_relpath
+
+    for base in (mesh_dir / MESHES_DIR, mesh_dir):
+        for suffix in MESH_SUFFIXES:
+            path = base / scene_relpath(name, suffix)
+            if path.is_file():
+                return path
+    return None
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from sdf_ray.shapes.config import from_overrides
+    from sdf_ray.shapes.outputs import summarise, summary_lines, write_tables
+    from sdf_ray.shapes.pipeline import Progress, evaluate_meshes
+
+    cfg = from_overrides(args.overrides)
+    mesh_dir = Path(args.meshes).expanduser().resolve()
+    if not mesh_dir.is_dir():
+        raise DataError(f"--meshes {mesh_dir}: not a directory")
+    data, manifest = _dataset(args.data)
+    scenes = scene_infos(manifest, range(manifest.num_scenes))
+    if not any(s.has_ground_truth for s in scenes):
+        raise DataError(f"dataset {data} has no ground truth (surface samples): evaluate needs it")
+    items = [(str(p), s) for s in scenes if s.has_ground_truth and (p := find_mesh(mesh_dir, s.name)) is not None]
+    if not items:
+        raise DataError(f"--meshes {mesh_dir}: no mesh for any of the dataset's {manifest.num_scenes} scenes with "
+                        f"ground truth (looked for meshes/<scene>.ply and <scene>{{{','.join(MESH_SUFFIXES)}}})")
+    out_dir = Path(args.out).expanduser().resolve() if args.out else mesh_dir / "evaluation"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out_dir}: cannot create it ({exc.strerror})") from None
+    started = time.perf_counter()
+    where = _connect(args.address)
+    print(f"sdf-ray evaluate: {len(items)} meshes on {where}", flush=True)
+    progress = Progress("evaluate", len(items))
+    rows = evaluate_meshes(items, str(data), cfg, args.frame, on_row=lambda r: progress.update(r["status"]))
+    summary = summarise(rows, seconds=time.perf_counter() - started, shapes_this_run=len(rows),
+                        extra={"command": "evaluate", "meshes": str(mesh_dir), "dataset": str(data),
+                               "frame": args.frame, "num_scenes_without_mesh": sum(
+                                   1 for s in scenes if s.has_ground_truth) - len(items)})
+    write_tables(out_dir, rows, summary)
+    for line in summary_lines(summary):
+        print(line)
+    print(f"evaluate: results in {out_dir}")
+    return 0
+
+
+def _out_dir(out: str) -> Path:
+    if not out:
+        raise ConfigError("--out must not be empty")
+    d = Path(out).expanduser().resolve()
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"--out {d}: exists and is not a directory")
+    return d

@@ -1,0 +1,198 @@
+"""The two units of work of the output end, as plain functions (``pipeline`` puts them on Ray):
+
+- :class:`ShapeWorker` (device): holds the frozen decoder; per batch of scenes it loads their samples,
+  optimises their codes (or takes learned ones), measures ``sdf_l1`` and decodes each shape's sparse grid.
+- :func:`finish_shape` (CPU): marching cubes, the meshes, the metrics against ground truth, and the shape's
+  result record, written last so that a present record means the shape is done.
+
+:func:`evaluate_mesh_file` is the CPU unit of ``sdf-ray evaluate`` (meshes made elsewhere).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from sdf_ray.shapes.config import ReconstructConfig
+from sdf_ray.shapes.meshing import GridSpec, Mesh, SparseGrid, extract_mesh, read_mesh, to_original_frame, write_ply
+from sdf_ray.shapes.outputs import SceneInfo, is_identity, mesh_path, write_result
+
+Mode = Literal["reconstruct", "mesh"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a unit of work needs besides its scene (picklable; paths absolute)."""
+
+    mode: Mode
+    out_dir: str
+    data_path: str | None
+    """The dataset with the scenes' samples and ground truth (None: meshing a run whose dataset is gone)."""
+    cfg: ReconstructConfig
+    clamp_dist: float
+    latent_size: int
+
+    def grid_spec(self) -> GridSpec:
+        c = self.cfg
+        return GridSpec(c.mesh_resolution, c.mesh_coarse_stride, c.mesh_refine_margin)
+
+
+@dataclass
+class ShapeOutput:
+    """A device's result for one shape: small, except ``grid`` (a few MB at N = 256)."""
+
+    scene_id: int
+    status: str
+    reason: str
+    code: np.ndarray
+    loss: float = float("nan")
+    iterations: int = 0
+    attempts: int = 0
+    sdf_l1: float = float("nan")
+    dropped_nan_samples: int = 0
+    seconds: float = 0.0
+    grid: SparseGrid | None = field(default=None, repr=False)
+
+
+class ShapeWorker:
+    """The device side: one per GPU (or CPU worker). ``run`` processes a batch of scenes."""
+
+    def __init__(self, decoder_payload: dict[str, Any], job: Job, device: str) -> None:
+        import torch
+
+        from sdf_ray.data.format import read_manifest
+        from sdf_ray.shapes.trained_run import build_decoder
+
+        self.job = job
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            # As many threads as CPUs reserved: more would spin against the meshing tasks on the same cores.
+            torch.set_num_threads(max(1, int(job.cfg.cpus_per_worker)))
+        self.decoder = build_decoder(decoder_payload, self.device)
+        # Only the optimisation is compiled: its shapes are static per batch size, while grid decoding feeds
+        # chunks of every size (one compilation each).
+        self.optimised: Any = torch.compile(self.decoder) if job.cfg.compile else self.decoder
+        self.manifest = read_manifest(job.data_path) if job.data_path else None
+
+    def run(self, scene_ids: Sequence[int], codes_BL: np.ndarray | None = None) -> list[ShapeOutput]:
+        """Optimise (``reconstruct``) or take ``codes_BL`` (``mesh``), then measure and decode every shape."""
+        import torch
+
+        from sdf_ray.shapes.decode import decode_sparse_grids
+        from sdf_ray.shapes.reconstruct import SampleBank, reconstruct_codes, sdf_l1
+        from sdf_ray.shapes.samples import load_shape_samples
+
+        job, cfg = self.job, self.job.cfg
+        t0 = time.perf_counter()
+        shapes = (load_shape_samples(job.data_path, list(scene_ids), self.manifest)
+                  if job.data_path is not None else None)
+        bank = SampleBank.build(shapes, self.device) if shapes is not None else None
+        outs: list[ShapeOutput] = []
+        if job.mode == "reconstruct":
+            assert bank is not None and shapes is not None
+            for r, s in zip(reconstruct_codes(self.optimised, bank, cfg, job.clamp_dist, job.latent_size), shapes):
+                outs.append(ShapeOutput(r.scene_id, r.status, r.reason, r.code.numpy(), r.loss, r.iterations,
+                                        r.attempts, dropped_nan_samples=s.dropped_nan_rows))
+        else:
+            assert codes_BL is not None
+            for j, sid in enumerate(scene_ids):
+                outs.append(ShapeOutput(sid, "ok", "", np.asarray(codes_BL[j], dtype=np.float32),
+                                        dropped_nan_samples=shapes[j].dropped_nan_rows if shapes else 0))
+        t_opt = time.perf_counter() - t0
+        good = [j for j, o in enumerate(outs) if o.status == "ok"]
+        if good:
+            codes = torch.from_numpy(np.stack([outs[j].code for j in good])).to(self.device)
+            if bank is not None:
+                sub = SampleBank.build([shapes[j] for j in good], self.device) if len(good) < len(outs) else bank  # type: ignore[index]
+                for j, value in zip(good, sdf_l1(self.decoder, sub, codes, job.clamp_dist, cfg.precision,
+                                                 cfg.points_per_forward)):
+                    outs[j].sdf_l1 = value
+            t1 = time.perf_counter()
+            grids = decode_sparse_grids(self.decoder, codes, job.grid_spec(), cfg.precision, cfg.points_per_forward)
+            t_decode = time.perf_counter() - t1
+            for j, grid in zip(good, grids):
+                outs[j].grid = grid
+                outs[j].seconds = t_decode / len(good)
+        for o in outs:
+            o.seconds += t_opt / len(outs)
+        return outs
+
+
+def _row(scene: SceneInfo, status: str, reason: str = "", **values: Any) -> dict[str, Any]:
+    nan = float("nan")
+    row: dict[str, Any] = {"scene": scene.name, "scene_id": scene.scene_id, "status": status, "reason": reason,
+                           "chamfer_l2": nan, "chamfer_l1": nan, "normal_consistency": nan, "fscore": nan,
+                           "precision": nan, "recall": nan, "sdf_l1": nan, "iterations": None, "attempts": None,
+                           "seconds": nan, "loss": nan, "dropped_nan_samples": 0,
+                           "has_ground_truth": scene.has_ground_truth, "mesh": None}
+    row.update(values)
+    return row
+
+
+def failed_row(scene: SceneInfo, reason: str) -> dict[str, Any]:
+    """A shape lost to an error outside the shape itself (a dead worker, a bug): reported, never persisted,
+    so a re-run tries it again."""
+    return _row(scene, "failed", reason)
+
+
+def _metrics(mesh: Mesh, scene: SceneInfo, job_data: str | None, cfg: ReconstructConfig) -> dict[str, Any]:
+    from sdf_ray.shapes.ground_truth import load_ground_truth
+    from sdf_ray.shapes.metrics import mesh_metrics
+
+    if not scene.has_ground_truth or job_data is None:
+        return {}
+    gt = load_ground_truth(job_data, scene.scene_id, scene.normalization)
+    if gt is None:
+        return {}
+    return mesh_metrics(mesh, gt.points_M3, gt.normals_M3, gt.normalization, num_points=cfg.num_metric_points,
+                        tau_normalized=cfg.fscore_tau, seed=cfg.metric_seed).to_dict()
+
+
+def finish_shape(out: ShapeOutput, job: Job, scene: SceneInfo) -> dict[str, Any]:
+    """Mesh, metrics and the shape's record (written last); returns the record."""
+    t0 = time.perf_counter()
+    out_dir = Path(job.out_dir)
+    common: dict[str, Any] = {"iterations": out.iterations, "attempts": out.attempts, "loss": out.loss, "sdf_l1": out.sdf_l1,
+              "dropped_nan_samples": out.dropped_nan_samples, "code": [float(v) for v in out.code]}
+    if out.status != "ok" or out.grid is None:
+        row = _row(scene, "failed", out.reason or "no grid was decoded", **common)
+    else:
+        result = extract_mesh(out.grid)
+        if result.status != "ok" or result.mesh is None:
+            row = _row(scene, result.status, result.reason, **common)
+        else:
+            mesh = result.mesh
+            path = mesh_path(out_dir, scene.name)
+            write_ply(path, mesh.verts_V3, mesh.faces_F3)
+            if job.cfg.write_original_frame and not is_identity(scene.normalization):
+                write_ply(mesh_path(out_dir, scene.name, original=True),
+                          to_original_frame(mesh.verts_V3, scene.normalization), mesh.faces_F3)
+            row = _row(scene, "ok", mesh=str(path.relative_to(out_dir)), **common,
+                       **_metrics(mesh, scene, job.data_path, job.cfg))
+    row["seconds"] = out.seconds + (time.perf_counter() - t0)
+    write_result(out_dir, row)
+    return row
+
+
+def evaluate_mesh_file(path: str, scene: SceneInfo, data_path: str, cfg: ReconstructConfig,
+                       frame: Literal["normalized", "original"]) -> dict[str, Any]:
+    """Metrics of a mesh made elsewhere (in the normalised frame unless ``frame`` says original)."""
+    from sdf_ray.shapes.meshing import to_normalized_frame
+
+    t0 = time.perf_counter()
+    try:
+        mesh = read_mesh(path)
+    except Exception as exc:  # trimesh raises many types for a bad file; the shape fails, the run goes on
+        return _row(scene, "failed", f"cannot read {path}: {type(exc).__name__}: {exc}".splitlines()[0])
+    if len(mesh.faces_F3) == 0:
+        return _row(scene, "empty", f"{path} has no faces", seconds=time.perf_counter() - t0)
+    if frame == "original":
+        mesh = Mesh(to_normalized_frame(mesh.verts_V3, scene.normalization), mesh.faces_F3)
+    row = _row(scene, "ok", mesh=path, **_metrics(mesh, scene, data_path, cfg))
+    row["seconds"] = time.perf_counter() - t0
+    return row

@@ -1,0 +1,217 @@
+"""The output end without Ray: bad input (one line, exit 2, nothing half-written), the units of work, the
+output files, the config section."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from sdf_ray.errors import ConfigError, DataError, UserError
+from sdf_ray.shapes.config import ReconstructConfig, from_overrides
+from sdf_ray.shapes.meshing import read_mesh, to_original_frame
+from sdf_ray.shapes.outputs import CSV_COLUMNS, SceneInfo, check_job, metrics_csv, read_result, summarise
+from sdf_ray.shapes.trained_run import load_trained_run
+from sdf_ray.shapes.work import Job, ShapeWorker, evaluate_mesh_file, finish_shape
+from tests.test_shapes_helpers import FAST, ShapesData, build_shapes_data, cli, one_thread, sphere_dataset
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> ShapesData:
+    return build_shapes_data(tmp_path_factory)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: each is a UserError whose message is one line, raised before Ray starts or anything is written.
+
+
+def user_error(argv: list[str], kind: type[UserError], match: str) -> str:
+    with pytest.raises(kind, match=match) as info:
+        cli(argv)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_run_dir_without_checkpoint(tmp_path, shapes_data):
+    empty = tmp_path / "run"
+    empty.mkdir()
+    out = tmp_path / "out"
+    user_error(["reconstruct", "--run", str(empty), "--data", str(shapes_data.heldout), "--out", str(out)],
+               ConfigError, "no checkpoint")
+    user_error(["mesh", "--run", str(tmp_path / "missing"), "--out", str(out)], ConfigError, "does not exist")
+    assert not out.exists()
+
+
+def test_unreadable_dataset(tmp_path, shapes_data):
+    broken = tmp_path / "broken"
+    shutil.copytree(shapes_data.heldout, broken)
+    part = next(broken.glob("part-*.parquet"))
+    part.write_bytes(part.read_bytes()[:100])
+    out = tmp_path / "out"
+    base = ["reconstruct", "--run", str(shapes_data.run), "--out", str(out)]
+    user_error(base + ["--data", str(broken)], DataError, "corrupt or truncated")
+    user_error(base + ["--data", str(tmp_path / "nowhere")], DataError, "does not exist")
+    user_error(base + ["--data", str(shapes_data.heldout), "--scenes", "sphere-9"], DataError, "unknown scene")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("setting, match", [
+    ("reconstruct.mesh_resolution=2048", r"mesh_resolution`: must be in \[8, 1024\]"),
+    ("reconstruct.mesh_resolution=4", r"mesh_resolution`: must be in \[8, 1024\]"),
+    ("reconstruct.num_iterations=0", r"num_iterations`: must be in \[1, 100000\]"),
+    ("reconstruct.num_iterations=1000000", r"num_iterations`: must be in \[1, 100000\]"),
+    ("reconstruct.num_iteration=5", "did you mean `reconstruct.num_iterations`"),
+    ("optim.lr=1", "only `reconstruct.KEY=VALUE`"),
+])
+def test_settings_out_of_range(tmp_path, shapes_data, setting, match):
+    out = tmp_path / "out"
+    user_error(["reconstruct", "--run", str(shapes_data.run), "--data", str(shapes_data.heldout), "--out", str(out),
+                "--set", setting], ConfigError, match)
+    assert not out.exists()
+
+
+def test_evaluate_without_meshes_or_ground_truth(tmp_path, shapes_data):
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    (meshes / "someone-else.ply").write_text("ply\n")
+    user_error(["evaluate", "--meshes", str(meshes), "--data", str(shapes_data.heldout)], DataError,
+               "no mesh for any of the dataset's 3 scenes")
+    no_gt = sphere_dataset(tmp_path / "no-gt", [0.4], num_surface=0)
+    (meshes / "sphere-0.ply").write_text("ply\n")
+    user_error(["evaluate", "--meshes", str(meshes), "--data", str(no_gt)], DataError, "no ground truth")
+    user_error(["evaluate", "--meshes", str(tmp_path / "nothing"), "--data", str(no_gt)], DataError,
+               "not a directory")
+
+
+def test_output_path_problems(tmp_path, shapes_data):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    base = ["reconstruct", "--run", str(shapes_data.run), "--data", str(shapes_data.heldout)]
+    user_error(base + ["--out", str(a_file)], ConfigError, "not a directory")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "job.json").write_text(json.dumps({"command": "reconstruct", "reconstruct": {"seed": 7}}))
+    message = user_error(base + ["--out", str(other)], ConfigError, "holds results of another job")
+    assert "--overwrite" in message
+
+
+# --------------------------------------------------------------------------------------------------
+# The units of work, in-process
+
+
+@pytest.fixture(scope="module")
+def worked(shapes_data, tmp_path_factory):
+    """Two held-out spheres through the device unit and the CPU unit, in-process."""
+    out = tmp_path_factory.mktemp("worked")
+    run = load_trained_run(shapes_data.run)
+    cfg = dataclasses.replace(from_overrides(FAST[1::2]), cpus_per_worker=1.0)
+    job = Job("reconstruct", str(out), str(shapes_data.heldout), cfg, run.config.loss.clamp_dist, run.latent_size)
+    from sdf_ray.data.format import read_manifest
+
+    manifest = read_manifest(shapes_data.heldout)
+    scenes = [SceneInfo(i, manifest.scenes[i].name, manifest.scenes[i].normalization, True) for i in (0, 1)]
+    with one_thread():
+        worker = ShapeWorker(run.decoder_payload(), job, "cpu")
+        outs = worker.run([0, 1])
+        rows = [finish_shape(o, job, s) for o, s in zip(outs, scenes)]
+    return out, job, scenes, outs, rows
+
+
+def test_finish_writes_meshes_in_both_frames_metrics_and_the_record_last(worked):
+    out, job, scenes, outs, rows = worked
+    for o, row, scene in zip(outs, rows, scenes):
+        assert o.grid is not None and o.status == "ok" and o.iterations == 40
+        assert row["status"] == "ok", row["reason"]
+        assert np.isfinite(row["chamfer_l2"]) and np.isfinite(row["sdf_l1"]) and 0 <= row["fscore"] <= 1
+        mesh = read_mesh(out / "meshes" / f"{scene.name}.ply")
+        original = read_mesh(out / "meshes_original" / f"{scene.name}.ply")
+        np.testing.assert_allclose(original.verts_V3, to_original_frame(mesh.verts_V3, scene.normalization),
+                                   rtol=1e-6, atol=1e-6)
+        assert read_result(out, scene.name) == json.loads(json.dumps(row))
+        assert len(row["code"]) == 8
+
+
+def test_evaluate_unit_reproduces_the_metrics_of_its_own_meshes(worked):
+    out, job, scenes, outs, rows = worked
+    for row, scene in zip(rows, scenes):
+        again = evaluate_mesh_file(str(out / row["mesh"]), scene, job.data_path, job.cfg, "normalized")
+        assert again["chamfer_l2"] == pytest.approx(row["chamfer_l2"], rel=1e-9)
+        original = evaluate_mesh_file(str(out / "meshes_original" / f"{scene.name}.ply"), scene, job.data_path,
+                                      job.cfg, "original")
+        assert original["chamfer_l2"] == pytest.approx(row["chamfer_l2"], rel=1e-4)
+    broken = out / "broken.ply"
+    broken.write_text("not a mesh")
+    assert evaluate_mesh_file(str(broken), scenes[0], job.data_path, job.cfg, "normalized")["status"] == "failed"
+
+
+def test_without_ground_truth_shapes_are_meshed_and_the_summary_says_why_no_metrics(worked, tmp_path):
+    from sdf_ray.shapes.outputs import summary_lines
+
+    _, job, scenes, outs, _ = worked
+    job = dataclasses.replace(job, out_dir=str(tmp_path))
+    row = finish_shape(outs[0], job, dataclasses.replace(scenes[0], has_ground_truth=False))
+    assert row["status"] == "ok" and (tmp_path / row["mesh"]).is_file()
+    assert np.isnan(row["chamfer_l2"]) and np.isfinite(row["sdf_l1"])
+    lines = summary_lines(summarise([row], seconds=1.0, shapes_this_run=1))
+    assert any("need ground truth" in line for line in lines)
+
+
+def test_mesh_mode_takes_the_learned_codes(shapes_data, tmp_path):
+    run = load_trained_run(shapes_data.run)
+    cfg = from_overrides(FAST[1::2])
+    job = Job("mesh", str(tmp_path), str(shapes_data.train), cfg, 0.5, run.latent_size)
+    with one_thread():
+        outs = ShapeWorker(run.decoder_payload(), job, "cpu").run([2], run.latents_NL[2:3].numpy())
+    assert outs[0].iterations == 0 and outs[0].grid is not None
+    np.testing.assert_array_equal(outs[0].code, run.latents_NL[2].numpy())
+    assert outs[0].sdf_l1 < 0.1
+
+
+# --------------------------------------------------------------------------------------------------
+# Output files
+
+
+def test_csv_and_summary():
+    nan = float("nan")
+    rows = [{"scene": "b", "status": "ok", "chamfer_l2": 2e-3, "chamfer_l1": 0.01, "normal_consistency": 0.9,
+             "fscore": 0.5, "sdf_l1": 0.01, "iterations": 800, "seconds": 1.5, "has_ground_truth": True,
+             "dropped_nan_samples": 3},
+            {"scene": "a", "status": "ok", "chamfer_l2": 4e-3, "chamfer_l1": 0.02, "normal_consistency": nan,
+             "fscore": 1.0, "sdf_l1": 0.03, "iterations": 800, "seconds": 1.0, "has_ground_truth": True},
+            {"scene": "c", "status": "empty", "chamfer_l2": nan, "iterations": 800, "seconds": 1.0},
+            {"scene": "d", "status": "failed", "reason": "x", "iterations": 17}]
+    text = metrics_csv(rows)
+    lines = text.splitlines()
+    assert lines[0] == ",".join(CSV_COLUMNS)
+    assert lines[1] == "b,ok,0.002,0.01,0.9,0.5,0.01,800,1.5"
+    assert lines[3] == "c,empty,,,,,,800,1"
+    s = summarise(rows, seconds=2.0, shapes_this_run=4)
+    assert s["counts"] == {"ok": 2, "empty": 1, "failed": 1}
+    assert s["metrics"]["chamfer_l2"]["mean"] == pytest.approx(3e-3)
+    assert s["chamfer_l2_x1e3"]["median"] == pytest.approx(3.0)
+    assert s["metrics"]["normal_consistency"]["count"] == 1
+    assert s["shapes_per_s"] == 2.0 and s["dropped_nan_samples"] == 3
+
+
+def test_job_record_resumes_same_job_and_refuses_another(tmp_path):
+    job = {"command": "reconstruct", "dataset": "/d", "reconstruct": {"seed": 0}}
+    assert check_job(tmp_path / "o", job, overwrite=False) is False
+    (tmp_path / "o" / "results").mkdir()
+    (tmp_path / "o" / "results" / "s.json").write_text("{}")
+    assert check_job(tmp_path / "o", job, overwrite=False) is True
+    other = {**job, "reconstruct": {"seed": 1}}
+    with pytest.raises(ConfigError, match="reconstruct.seed: 0 -> 1"):
+        check_job(tmp_path / "o", other, overwrite=False)
+    assert check_job(tmp_path / "o", other, overwrite=True) is False
+    assert not (tmp_path / "o" / "results").exists()
+
+
+def test_defaults_are_the_reference_ones():
+    c = ReconstructConfig()
+    assert (c.num_iterations, c.samples_per_iteration, c.lr, c.init_std, c.code_reg_lambda) == (800, 8000, 5e-3,
+                                                                                                0.01, 1e-4)
+    assert (c.mesh_resolution, c.num_metric_points, c.fscore_tau) == (256, 30_000, 0.01)

@@ -1,0 +1,143 @@
+"""Coarse-to-fine decoding gives exactly the dense mesh; empty and non-finite grids; frames; PLY."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sdf_ray.data.synth import synth_shape
+from sdf_ray.shapes.decode import _fine_points, _refine_blocks, decode_sparse_grids
+from sdf_ray.shapes.meshing import (
+    GridSpec,
+    assemble,
+    coarse_points,
+    decode_grid,
+    extract_mesh,
+    fine_points,
+    read_mesh,
+    refine_blocks,
+    to_normalized_frame,
+    to_original_frame,
+    write_ply,
+)
+
+
+def sphere(p: np.ndarray, r: float = 0.5) -> np.ndarray:
+    return np.linalg.norm(p, axis=1) - r
+
+
+def torus(p: np.ndarray) -> np.ndarray:
+    q = np.stack([np.hypot(p[:, 0], p[:, 2]) - 0.55, p[:, 1]], axis=1)
+    return np.linalg.norm(q, axis=1) - 0.2
+
+
+SHAPES = {"sphere": sphere, "torus": torus, "synth-1": synth_shape(1, 0).sdf, "synth-4": synth_shape(4, 0).sdf,
+          "synth-union": synth_shape(5, 3).sdf}
+
+
+@pytest.mark.parametrize("stride", [4, 5])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_coarse_to_fine_mesh_equals_the_dense_mesh(name, stride):
+    fn = SHAPES[name]
+    n = 64  # 63 cells: stride 4 leaves a partial last block, stride 5 too
+    dense = extract_mesh(decode_grid(fn, GridSpec(n)))
+    grid = decode_grid(fn, GridSpec(n, stride, refine_margin=1.0))
+    sparse = extract_mesh(grid)
+    assert dense.status == sparse.status == "ok"
+    assert dense.mesh is not None and sparse.mesh is not None
+    np.testing.assert_array_equal(sparse.mesh.faces_F3, dense.mesh.faces_F3)
+    np.testing.assert_array_equal(sparse.mesh.verts_V3, dense.mesh.verts_V3)
+    assert grid.num_decoded < n ** 3
+
+
+def test_coarse_to_fine_decodes_a_small_fraction_at_high_resolution():
+    grid = decode_grid(sphere, GridSpec(160, 4, 2.0))
+    assert grid.num_decoded < 0.2 * 160 ** 3
+
+
+def test_the_device_plan_matches_the_cpu_plan():
+    spec = GridSpec(48, 5, 2.0)
+    coarse = sphere(coarse_points(spec)).astype(np.float32)
+    blocks = refine_blocks(spec, coarse)
+    blocks_t = _refine_blocks(spec, torch.from_numpy(coarse))
+    np.testing.assert_array_equal(blocks_t.numpy(), blocks)
+    pts_t = _fine_points(spec, blocks_t, torch.from_numpy(spec.axis()))
+    np.testing.assert_array_equal(pts_t.numpy(), fine_points(spec, blocks))
+
+
+class SphereCodes(nn.Module):
+    def forward(self, latent: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
+        return xyz.norm(dim=-1) - latent[..., 0]
+
+
+def test_device_decoding_of_several_codes_equals_cpu_decoding():
+    spec = GridSpec(40, 4, 2.0)
+    codes = torch.tensor([[0.3, 0.0], [0.6, 0.0]])
+    grids = decode_sparse_grids(SphereCodes(), codes, spec, "fp32", points_per_forward=5000)
+    for grid, r in zip(grids, (0.3, 0.6)):
+        ref = decode_grid(lambda p, r=r: np.linalg.norm(p, axis=1) - r, spec)
+        np.testing.assert_array_equal(grid.block_mask, ref.block_mask)
+        np.testing.assert_allclose(grid.fine_values, ref.fine_values, atol=1e-6)
+        a, b = extract_mesh(grid).mesh, extract_mesh(ref).mesh
+        assert a is not None and b is not None and a.faces_F3.shape == b.faces_F3.shape
+
+
+@pytest.mark.parametrize("value", [0.3, -0.3])
+def test_an_sdf_that_never_crosses_zero_is_empty(value):
+    for stride in (1, 4):
+        result = extract_mesh(decode_grid(lambda p: np.full(len(p), value), GridSpec(24, stride)))
+        assert result.status == "empty" and result.mesh is None
+
+
+def test_a_sphere_too_small_for_the_grid_is_empty_not_an_error():
+    result = extract_mesh(decode_grid(lambda p: sphere(p, 0.01), GridSpec(16, 4)))
+    assert result.status == "empty"
+
+
+def test_non_finite_values_fail_the_shape():
+    def nan_near_origin(p: np.ndarray) -> np.ndarray:
+        v = sphere(p)
+        v[np.linalg.norm(p, axis=1) < 0.45] = np.nan
+        return v
+
+    result = extract_mesh(decode_grid(nan_near_origin, GridSpec(24, 4)))
+    assert result.status == "failed" and "non-finite" in result.reason
+
+
+def test_sphere_mesh_is_outward_facing_in_place_and_round_trips(tmp_path):
+    result = extract_mesh(decode_grid(sphere, GridSpec(48, 4)))
+    mesh = result.mesh
+    assert mesh is not None
+    r = np.linalg.norm(mesh.verts_V3, axis=1)
+    assert np.abs(r - 0.5).max() < 0.01
+    tri = mesh.verts_V3[mesh.faces_F3]
+    normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    assert (np.einsum("fd,fd->f", normals, tri.mean(axis=1)) > 0).mean() > 0.99
+    write_ply(tmp_path / "a" / "s.ply", mesh.verts_V3, mesh.faces_F3)
+    assert (tmp_path / "a" / "s.ply").read_bytes().startswith(b"ply\nformat binary_little_endian")
+    back = read_mesh(tmp_path / "a" / "s.ply")
+    np.testing.assert_array_equal(back.faces_F3, mesh.faces_F3)
+    np.testing.assert_array_equal(back.verts_V3.astype(np.float32), mesh.verts_V3)
+
+
+def test_frames_are_inverse_of_the_deepsdf_normalisation():
+    norm = {"offset": [0.5, -1.0, 2.0], "scale": 0.25}
+    p = np.random.default_rng(0).normal(size=(10, 3))
+    np.testing.assert_allclose(to_normalized_frame(p, norm), (p + norm["offset"]) * 0.25)
+    np.testing.assert_allclose(to_original_frame(to_normalized_frame(p, norm), norm), p)
+
+
+def test_assemble_marks_cells_where_marching_cubes_reads_them():
+    spec = GridSpec(20, 4)
+    grid = decode_grid(sphere, spec)
+    volume, mask = assemble(grid)
+    assert mask is not None and not mask[0].any() and mask.any()
+    dense = sphere(coarse_points(GridSpec(20))).reshape(20, 20, 20)
+    # every point marching cubes reads (corners of masked cells) holds the true value
+    i, j, k = np.nonzero(mask)
+    for di in (0, -1):
+        for dj in (0, -1):
+            for dk in (0, -1):
+                np.testing.assert_allclose(volume[i + di, j + dj, k + dk], dense[i + di, j + dj, k + dk], atol=1e-6)
