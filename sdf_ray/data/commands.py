@@ -1,4 +1,4 @@
-"""``sdf-ray data ...`` subcommands: synth, import-deepsdf, info.
+"""``sdf-ray data ...`` subcommands: synth, import-deepsdf, from-meshes, info.
 
 The CLI calls :func:`register` with its subparsers; each leaf sets ``func(args) -> int``. Problems are raised as
 ``DataError``/``UserError`` for the CLI to print as one line (exit code 2).
@@ -18,7 +18,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``data`` command (with its subcommands) to an ``argparse`` subparsers object."""
     data = subparsers.add_parser("data", help="create, import and inspect datasets",
                                  description="Create, import and inspect sdf-ray datasets (Parquet + manifest.json).")
-    sub = data.add_subparsers(dest="data_command", metavar="{synth,import-deepsdf,info}")
+    sub = data.add_subparsers(dest="data_command", metavar="{synth,import-deepsdf,from-meshes,info}")
     sub.required = True
 
     synth = sub.add_parser("synth", help="generate a dataset of analytic shapes",
@@ -43,6 +43,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     imp.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     imp.set_defaults(func=cmd_import_deepsdf)
 
+    from sdf_ray.data.from_meshes import add_arguments as add_from_meshes_arguments
+
+    meshes = sub.add_parser("from-meshes", help="sample SDFs from triangle meshes on Ray",
+                            description="DeepSDF-style SDF samples, ground-truth surface points and the normalisation "
+                                        "from OBJ/PLY/OFF/STL/GLB/GLTF meshes, one Ray task per mesh over every CPU; "
+                                        "resumable; skipped meshes are listed in DATASET/report.csv.")
+    add_from_meshes_arguments(meshes)
+    meshes.set_defaults(func=cmd_from_meshes)
     info = sub.add_parser("info", help="validate a dataset and print its statistics")
     info.add_argument("path", metavar="DIR", help="dataset directory")
     info.set_defaults(func=cmd_info)
@@ -93,3 +101,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         raise DataError("dataset path must not be empty")
     print(format_info(dataset_info(args.path)))
     return EXIT_OK
+
+
+def cmd_from_meshes(args: argparse.Namespace) -> int:
+    from sdf_ray.data.from_meshes import cmd_from_meshes as run
+
+    return run(args)

@@ -159,7 +159,7 @@ def discover_meshes(input: str | Path, split: str | Path | None = None) -> list[
             jobs.append(MeshJob(name=f"{dataset}/{cls}/{inst}", path=found, reason=reason))
         if all(j.path is None for j in jobs):
             raise UserError(f"none of the {len(jobs)} instances of split {split} has a mesh under {root} "
-                            f"(e.g. {jobs[0].reason.removeprefix('no mesh file (looked for ').rstrip(')')})")
+                            f"({jobs[0].reason.removeprefix('no mesh file (')}")
         return jobs
 
     if _has_magic(text):
@@ -239,10 +239,10 @@ def _fingerprint(path: Path) -> list[int]:
     return [int(st.st_size), int(st.st_mtime_ns)]
 
 
-def _save_result(work: Path, job: MeshJob, outcome: MeshOutcome, arrays: dict[str, np.ndarray],
-                 normalization: dict[str, Any] | None) -> None:
-    assert job.path is not None
-    meta = {"name": job.name, "source": _fingerprint(job.path), "status": outcome.status, "reason": outcome.reason,
+def _save_result(work: Path, job: MeshJob, fingerprint: list[int], outcome: MeshOutcome,
+                 arrays: dict[str, np.ndarray], normalization: dict[str, Any] | None) -> None:
+    """``fingerprint`` is the file's (size, mtime) when it was read, so a later edit invalidates the result."""
+    meta = {"name": job.name, "source": fingerprint, "status": outcome.status, "reason": outcome.reason,
             "triangles": outcome.triangles, "seconds": outcome.seconds, "dropped_ambiguous": outcome.dropped_ambiguous,
             "normalization": normalization}
     with atomic_file(_result_path(work, job.name)) as tmp, open(tmp, "wb") as fh:
@@ -265,13 +265,13 @@ def _load_meta(work: Path, job: MeshJob) -> dict[str, Any] | None:
         return None
 
 
-def _scene_samples(work: Path, name: str, meta: dict[str, Any]) -> Any:
+def _scene_samples(work: Path, name: str, normalization: dict[str, Any]) -> Any:
     from sdf_ray.data.format import SceneSamples
 
     with np.load(_result_path(work, name), allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in ("pos_N4", "neg_N4", "surface_points_M3", "surface_normals_M3")}
     kwargs: dict[str, Any] = {"name": name, "pos_N4": arrays["pos_N4"], "neg_N4": arrays["neg_N4"],
-                              "normalization": meta["normalization"]}
+                              "normalization": normalization}
     have = {f.name for f in fields(SceneSamples)}
     for key in ("surface_points_M3", "surface_normals_M3"):
         if key in have and len(arrays[key]):
@@ -361,7 +361,8 @@ def _duration(s: float) -> str:
 
 def _run_tasks(jobs: Sequence[MeshJob], work: Path, cfg: MeshSamplingConfig, address: str | None,
                max_in_flight: int | None, progress: _Progress,
-               on_result: Callable[[MeshOutcome], None] | None) -> Iterator[MeshOutcome]:
+               on_result: Callable[[MeshOutcome], None] | None,
+               normalizations: dict[str, dict[str, Any]]) -> Iterator[MeshOutcome]:
     from sdf_ray.data.mesh_sdf import file_type_of
 
     _connect(address)
@@ -371,7 +372,7 @@ def _run_tasks(jobs: Sequence[MeshJob], work: Path, cfg: MeshSamplingConfig, add
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     limit = max_in_flight or 2 * cpus  # a queue beyond the CPUs hides the driver's reading and writing
     cfg_dict = cfg.to_dict()
-    pending: dict[Any, tuple[MeshJob, float]] = {}
+    pending: dict[Any, tuple[MeshJob, float, list[int]]] = {}
     todo = iter(jobs)
 
     def finish(outcome: MeshOutcome) -> MeshOutcome:
@@ -389,7 +390,8 @@ def _run_tasks(jobs: Sequence[MeshJob], work: Path, cfg: MeshSamplingConfig, add
                 assert job.path is not None
                 ftype = file_type_of(job.path)
                 try:
-                    size = job.path.stat().st_size
+                    fingerprint = _fingerprint(job.path)
+                    size = fingerprint[0]
                     # gltf keeps its buffers in side files: the task reads it by path (needs a shared filesystem).
                     source: str | bytes | None = None
                     if size <= cfg.max_file_bytes:
@@ -400,15 +402,15 @@ def _run_tasks(jobs: Sequence[MeshJob], work: Path, cfg: MeshSamplingConfig, add
                 if source is None:  # rejected without reading it
                     outcome = MeshOutcome(job.name, "invalid", f"over the size limit: file is {size:,} bytes, "
                                           f"limit {cfg.max_file_bytes:,}")
-                    _save_result(work, job, outcome, {}, None)
+                    _save_result(work, job, fingerprint, outcome, {}, None)
                     yield finish(outcome)
                     continue
-                pending[remote.remote(job.name, source, ftype, cfg_dict)] = (job, time.perf_counter())
+                pending[remote.remote(job.name, source, ftype, cfg_dict)] = (job, time.perf_counter(), fingerprint)
             if not pending:
                 break
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                job, t_submit = pending.pop(ref)
+                job, t_submit, fingerprint = pending.pop(ref)
                 try:
                     res = ray.get(ref)
                 except (ray.exceptions.RayError, MemoryError) as e:
@@ -418,7 +420,9 @@ def _run_tasks(jobs: Sequence[MeshJob], work: Path, cfg: MeshSamplingConfig, add
                     continue
                 outcome = MeshOutcome(job.name, res["status"], res["reason"], int(res["triangles"]),
                                       float(res["seconds"]), int(res.get("dropped_ambiguous", 0)))
-                _save_result(work, job, outcome, res.get("arrays", {}), res.get("normalization"))
+                _save_result(work, job, fingerprint, outcome, res.get("arrays", {}), res.get("normalization"))
+                if outcome.status == "ok":
+                    normalizations[job.name] = res["normalization"]
                 del res
                 yield finish(outcome)
     finally:
@@ -463,6 +467,7 @@ def run_from_meshes(input: str | Path, out: str | Path, split: str | Path | None
         raise UserError(f"cannot write next to {out}: {e}") from None
 
     outcomes: dict[str, MeshOutcome] = {}
+    normalizations: dict[str, dict[str, Any]] = {}
     todo: list[MeshJob] = []
     for job in jobs:
         if job.path is None:
@@ -474,13 +479,14 @@ def run_from_meshes(input: str | Path, out: str | Path, split: str | Path | None
         else:
             outcomes[job.name] = MeshOutcome(job.name, meta["status"], meta["reason"], int(meta["triangles"]),
                                               float(meta["seconds"]), int(meta["dropped_ambiguous"]), reused=True)
-    if outcomes:
-        reused = sum(o.reused for o in outcomes.values())
-        if reused:
-            log.info("from-meshes: resuming: %d of %d meshes already done in %s", reused, len(jobs), work)
+            if meta["status"] == "ok":
+                normalizations[job.name] = meta["normalization"]
+    reused = sum(o.reused for o in outcomes.values())
+    if reused:
+        log.info("from-meshes: resuming: %d of %d meshes already done in %s", reused, len(jobs), work)
     if todo:
         progress = _Progress(len(todo), progress_every_s, log.info)
-        for outcome in _run_tasks(todo, work, cfg, address, max_in_flight, progress, on_result):
+        for outcome in _run_tasks(todo, work, cfg, address, max_in_flight, progress, on_result, normalizations):
             outcomes[outcome.scene] = outcome
 
     ordered = tuple(outcomes[j.name] for j in jobs)
@@ -492,15 +498,12 @@ def run_from_meshes(input: str | Path, out: str | Path, split: str | Path | None
         example = f" (e.g. {first.scene}: {first.reason})" if first else ""
         raise UserError(f"none of the {len(ordered)} meshes could be sampled{example}; see {report}")
 
-    metas = {o.scene: _load_meta(work, j) for o, j in zip(ordered, jobs) if o.status == "ok"}
-
     def scenes() -> Iterator[Any]:
         for o in ok:
-            meta = metas[o.scene]
-            assert meta is not None
-            yield _scene_samples(work, o.scene, meta)
+            yield _scene_samples(work, o.scene, normalizations[o.scene])
 
-    source = {"type": "meshes", "input": str(input), "split": None if split is None else str(split),
+    source = {"type": "meshes", "input": os.path.abspath(str(input)),
+              "split": None if split is None else os.path.abspath(str(split)),
               "sampling": cfg.to_dict(), "num_meshes": len(ordered), "num_ok": len(ok),
               "num_skipped": len(ordered) - len(ok),
               "num_dropped_ambiguous": sum(o.dropped_ambiguous for o in ordered)}

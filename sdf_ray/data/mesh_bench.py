@@ -2,7 +2,8 @@
 
     python -m sdf_ray.data.mesh_bench quality [--samples N]
     python -m sdf_ray.data.mesh_bench speed [--triangles T] [--samples N] [--repeats R]
-    python -m sdf_ray.data.mesh_bench alternatives
+    python -m sdf_ray.data.mesh_bench alternatives [--triangles T]
+    python -m sdf_ray.data.mesh_bench ray [--meshes M] [--triangles T] [--samples N] [--address ADDR]
 
 ``quality``: spheres, boxes and tori triangulated at several resolutions, closed and with defects (a hole
 punched, a quarter of the faces flipped, every vertex split, all three at once, and a second, inside-out
@@ -13,7 +14,9 @@ is reported next to ``h``. Near a hole (within 2 hole radii of its centre) the c
 reference.
 
 ``speed``: one core (``IGL_NUM_THREADS=1``) on a bumpy torus of about T triangles: time per stage, CPU and wall.
-``alternatives``: the other candidates for distance and sign, timed on subsets and extrapolated.
+``alternatives``: the other candidates for distance and sign, timed on subsets and extrapolated, and the
+wrong-sign rate of each sign method on a defective sphere.
+``ray``: ``run_from_meshes`` end to end over every CPU of the cluster (a local Ray unless ``--address``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 from sdf_ray.data.mesh_config import MeshSamplingConfig
 from sdf_ray.data.mesh_sdf import (
     Mesh,
+    distance_and_winding,
     normalization_params,
     normalize_points,
     orient_faces,
@@ -190,8 +194,7 @@ def evaluate(shape: Shape, cfg: MeshSamplingConfig, seed: int = 0, margins: tupl
     scale = float(norm["scale"])
     normed = Mesh(np.ascontiguousarray(normalize_points(mesh.vertices_V3, norm)), mesh.faces_F3)
     xyz = sample_query_points(normed, cfg, rng)
-    d = unsigned_distance(normed, xyz)
-    w = winding_number(normed, xyz)
+    d, w, _ = distance_and_winding(normed, xyz)
     orig = xyz / scale - np.asarray(norm["offset"])
     exact = shape.sdf(orig) * scale
     surf, _ = sample_surface(shape.mesh, 100_000, np.random.default_rng(seed + 1))
@@ -267,12 +270,26 @@ def bumpy_torus(num_triangles: int) -> Mesh:
     return Mesh(np.ascontiguousarray(v), np.ascontiguousarray(np.asarray(tm.faces, dtype=np.int64)))
 
 
+class _StageClock:
+    """CPU seconds between successive :meth:`lap` calls."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self.wall0 = time.perf_counter()
+        self._last = time.process_time()
+
+    def lap(self, label: str) -> None:
+        now = time.process_time()
+        self.laps[label] = now - self._last
+        self._last = now
+
+
 def run_speed(num_triangles: int, num_samples: int, repeats: int) -> None:
     import tempfile
 
     import trimesh
 
-    from sdf_ray.data.mesh_sdf import load_mesh, mesh_to_samples, scene_rng
+    from sdf_ray.data.mesh_sdf import load_mesh, mesh_to_samples, scene_rng, spatial_order
 
     mesh = bumpy_torus(num_triangles)
     cfg = MeshSamplingConfig(num_samples=num_samples)
@@ -282,24 +299,70 @@ def run_speed(num_triangles: int, num_samples: int, repeats: int) -> None:
         size = os.path.getsize(path)
         best: dict[str, float] = {}
         for _ in range(repeats):
-            c0, t0 = time.process_time(), time.perf_counter()
+            clock = _StageClock()
             loaded = load_mesh(path)
-            c1, t1 = time.process_time(), time.perf_counter()
-            ms = mesh_to_samples(loaded, cfg, scene_rng(0, "bumpy"))
-            c2, t2 = time.process_time(), time.perf_counter()
-            stages = {"load": t1 - t0, **ms.timings, "cpu_total": (c1 - c0) + (c2 - c1), "wall_total": t2 - t0}
+            clock.lap("load")
+            oriented, _, _ = orient_faces(loaded)
+            clock.lap("orient")
+            rng = scene_rng(0, "bumpy")
+            norm = normalization_params(oriented, cfg.normalization_buffer)
+            normed = Mesh(np.ascontiguousarray(normalize_points(oriented.vertices_V3, norm)), oriented.faces_F3)
+            xyz = sample_query_points(normed, cfg, rng)
+            sample_surface(oriented, cfg.num_surface_samples, rng)
+            clock.lap("sample")
+            q = np.ascontiguousarray(xyz[spatial_order(xyz)])
+            clock.lap("order")
+            unsigned_distance(normed, q)
+            clock.lap("distance")
+            winding_number(normed, q)
+            clock.lap("winding")
+            stages = {**clock.laps, "total": sum(clock.laps.values()), "wall": time.perf_counter() - clock.wall0}
             for k, v in stages.items():
                 best[k] = min(best.get(k, float("inf")), v)
+        # The same work through the public entry point, to check it adds nothing beyond the stages.
+        c = time.process_time()
+        ms = mesh_to_samples(load_mesh(path), cfg, scene_rng(0, "bumpy"))
+        whole = time.process_time() - c
     print(f"Bumpy torus, {mesh.num_triangles:,} triangles (OBJ {size / 1e6:.1f} MB), {num_samples:,} samples, "
           f"IGL_NUM_THREADS={os.environ.get('IGL_NUM_THREADS')}, best of {repeats}:\n")
-    print("| stage | seconds (wall) |\n|---|---:|")
-    for k in ("load", "orient", "sample", "distance", "winding", "total"):
+    print("| stage | CPU seconds |\n|---|---:|")
+    for k in ("load", "orient", "sample", "order", "distance", "winding", "total"):
         print(f"| {k} | {best[k]:.2f} |")
-    print(f"\nwhole mesh (load + total): {best['wall_total']:.2f} s wall, {best['cpu_total']:.2f} s CPU; "
-          f"kept {len(ms.pos_N4) + len(ms.neg_N4):,} samples, dropped {ms.num_dropped_ambiguous}")
+    print(f"\nwall time of the staged run {best['wall']:.2f} s; mesh_to_samples after load_mesh: {whole:.2f} s CPU, kept "
+          f"{len(ms.pos_N4) + len(ms.neg_N4):,} samples, dropped {ms.num_dropped_ambiguous}")
 
 
-def _gwn_numpy(v: np.ndarray, f: np.ndarray, q: np.ndarray, chunk: int = 64) -> np.ndarray:
+def brute_force_distance(mesh: Mesh, points_N3: np.ndarray) -> np.ndarray:
+    """Distance from each point to every triangle, minimum taken (Ericson's closest point on a triangle)."""
+    tri = mesh.vertices_V3[mesh.faces_F3]
+    a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]
+    ab, ac = b - a, c - a
+    out = np.empty(len(points_N3))
+    for i, p in enumerate(np.asarray(points_N3, dtype=np.float64)):
+        ap, bp, cp = p - a, p - b, p - c
+        d1, d2 = (ab * ap).sum(1), (ac * ap).sum(1)
+        d3, d4 = (ab * bp).sum(1), (ac * bp).sum(1)
+        d5, d6 = (ab * cp).sum(1), (ac * cp).sum(1)
+        va, vb, vc = d3 * d6 - d5 * d4, d5 * d2 - d1 * d6, d1 * d4 - d3 * d2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            denom = 1.0 / (va + vb + vc)
+            closest = a + ab * (vb * denom)[:, None] + ac * (vc * denom)[:, None]  # inside the face
+            t = (d4 - d3) / ((d4 - d3) + (d5 - d6))
+            m = (va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0)
+            closest[m] = (b + (c - b) * t[:, None])[m]  # edge bc
+            t = d2 / (d2 - d6)
+            m = (vb <= 0) & (d2 >= 0) & (d6 <= 0)
+            closest[m] = (a + ac * t[:, None])[m]  # edge ac
+            t = d1 / (d1 - d3)
+            m = (vc <= 0) & (d1 >= 0) & (d3 <= 0)
+            closest[m] = (a + ab * t[:, None])[m]  # edge ab
+        for vertex, m in ((c, (d6 >= 0) & (d5 <= d6)), (b, (d3 >= 0) & (d4 <= d3)), (a, (d1 <= 0) & (d2 <= 0))):
+            closest[m] = vertex[m]
+        out[i] = np.sqrt(((closest - p) ** 2).sum(1).min())
+    return out
+
+
+def _gwn_numpy(v: np.ndarray, f: np.ndarray, q: np.ndarray, chunk: int = 8) -> np.ndarray:
     """Exact generalised winding number, all pairs (Van Oosterom-Strackee solid angles), in numpy."""
     out = np.empty(len(q))
     tri = v[f]
@@ -336,8 +399,9 @@ def run_alternatives(num_triangles: int) -> None:
         rows.append((label, n, time.process_time() - t))
         return res
 
-    timed("libigl point_mesh_squared_distance (AABB)", len(q), lambda x: unsigned_distance(normed, x))
-    timed("libigl fast_winding_number (Barnes-Hut)", len(q), lambda x: winding_number(normed, x))
+    timed("libigl point_mesh_squared_distance (AABB), random order", len(q), lambda x: unsigned_distance(normed, x))
+    timed("libigl fast_winding_number (Barnes-Hut), random order", len(q), lambda x: winding_number(normed, x))
+    timed("both, queries in Morton order (what from-meshes runs)", len(q), lambda x: distance_and_winding(normed, x))
     timed("libigl winding_number (exact, all triangles)", 5_000, lambda x: igl.winding_number(normed.vertices_V3, normed.faces_F3, x))
     timed("numpy exact winding number (all pairs)", 200, lambda x: _gwn_numpy(normed.vertices_V3, normed.faces_F3, x))
     timed("trimesh.proximity.closest_point", 1_000, lambda x: trimesh.proximity.closest_point(tm_n, x))
@@ -355,6 +419,73 @@ def run_alternatives(num_triangles: int) -> None:
     fast = igl.fast_winding_number(normed.vertices_V3, normed.faces_F3, q[:5_000])
     exact = igl.winding_number(normed.vertices_V3, normed.faces_F3, q[:5_000])
     print(f"\nfast vs exact winding number on 5,000 queries: max |difference| {np.abs(fast - exact).max():.1e}")
+    _, tm_d, _ = trimesh.proximity.closest_point(tm_n, q[:200])
+    brute = brute_force_distance(normed, q[:200])
+    ours = unsigned_distance(normed, q[:200])
+    print(f"distance on 200 queries against brute force over all triangles: libigl max |difference| "
+          f"{np.abs(ours - brute).max():.1e}, trimesh closest_point {np.abs(tm_d - brute).max():.1e}")
+    run_sign_robustness()
+
+
+def run_sign_robustness(num_queries: int = 5_000) -> None:
+    """Wrong-sign % of each sign method on a defective sphere (1,280 faces), near-surface queries."""
+    import trimesh
+
+    mesh, sdf = sphere(3)
+    rng = np.random.default_rng(0)
+    top = mesh.vertices_V3[np.argmax(mesh.vertices_V3[:, 0])]
+    variants = [("closed", mesh), ("hole r=0.3", punch_hole(mesh, top, 0.3)),
+                ("flipped 25%", flip_faces(mesh, 0.25, rng)), ("split vertices", split_vertices(mesh))]
+    surf, _ = sample_surface(mesh, num_queries, rng)
+    q = surf + rng.normal(scale=np.sqrt(0.005), size=surf.shape)
+    exact = sdf(q)
+    h = float(np.abs(sdf(sample_surface(mesh, 100_000, rng)[0])).max())
+    judged = np.abs(exact) > 1e-3 + h
+    inside = exact <= 0
+
+    def pct(pred_inside: np.ndarray, keep: np.ndarray | None = None) -> str:
+        k = judged if keep is None else judged & keep
+        return f"{100 * float((pred_inside != inside)[k].mean()):.2f}"
+
+    print(f"\nSign robustness, sphere of {mesh.num_triangles:,} faces, {num_queries:,} queries near the surface "
+          "(sigma = sqrt(0.005)); wrong sign % where |exact sdf| > 1e-3 + h:\n")
+    print("| variant | ray parity (trimesh contains) | winding number, no repair | from-meshes (repair + margin 0.2) |")
+    print("|---|---:|---:|---:|")
+    for label, m in variants:
+        tm = trimesh.Trimesh(m.vertices_V3, m.faces_F3, process=False)
+        parity = np.asarray(tm.contains(q), dtype=bool)
+        w_raw = winding_number(m, q)
+        fixed, _, _ = orient_faces(m)
+        w = winding_number(fixed, q)
+        print(f"| {label} | {pct(parity)} | {pct(w_raw > 0.5)} | {pct(w > 0.5, np.abs(w - 0.5) >= 0.2)} |")
+
+
+def run_ray(num_meshes: int, num_triangles: int, num_samples: int, address: str | None) -> None:
+    """``run_from_meshes`` end to end on ``num_meshes`` bumpy tori: meshes per second over the whole cluster."""
+    import logging
+    import tempfile
+
+    import trimesh
+
+    from sdf_ray.data.from_meshes import run_from_meshes
+
+    logging.basicConfig(level=logging.INFO, format="[sdf-ray] %(message)s", stream=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(num_meshes):
+            m = bumpy_torus(num_triangles)
+            v = m.vertices_V3 * (1 + 0.1 * i)
+            trimesh.Trimesh(v, m.faces_F3, process=False).export(os.path.join(tmp, f"torus{i:03d}.obj"))
+        import ray
+
+        t0 = time.perf_counter()
+        summary = run_from_meshes(tmp, os.path.join(tmp, "out", "ds"), cfg=MeshSamplingConfig(num_samples=num_samples),
+                                  address=address, progress_every_s=1.0)
+        seconds = time.perf_counter() - t0
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        compute = sum(o.seconds for o in summary.outcomes)
+    print(f"{num_meshes} meshes of {num_triangles:,} triangles, {num_samples:,} samples each, {cpus} CPUs: "
+          f"{seconds:.1f} s in all (Ray start and dataset write included), {num_meshes / seconds:.2f} meshes/s; "
+          f"{compute / num_meshes:.2f} s per mesh inside the tasks")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,14 +501,21 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--repeats", type=int, default=3)
     a = sub.add_parser("alternatives")
     a.add_argument("--triangles", type=int, default=100_000)
+    r = sub.add_parser("ray")
+    r.add_argument("--meshes", type=int, default=8)
+    r.add_argument("--triangles", type=int, default=100_000)
+    r.add_argument("--samples", type=int, default=500_000)
+    r.add_argument("--address", default=None)
     args = p.parse_args(argv)
     set_igl_threads(int(os.environ.get("IGL_NUM_THREADS", "1")))
     if args.what == "quality":
         run_quality(args.samples, tuple(float(m) for m in args.margins.split(",")))
     elif args.what == "speed":
         run_speed(args.triangles, args.samples, args.repeats)
-    else:
+    elif args.what == "alternatives":
         run_alternatives(args.triangles)
+    else:
+        run_ray(args.meshes, args.triangles, args.samples, args.address)
     return 0
 
 
