@@ -90,13 +90,16 @@ class ModelConfig:
     pad_features_to: NonNegativeInt = 8
     """Pad the odd width of the layer before a skip (253 = 512 - 259) to a multiple of this in forward, with
     zeros: same parameters and outputs, aligned bf16 GEMMs. 0 disables."""
-    compile: bool = False
-    """Compile the decoder with torch.compile (GPU fast path)."""
+    compile: Literal["auto", True, False] = False
+    """Compile the decoder with torch.compile (the GPU fast path); auto: on CUDA devices, not on CPUs (resolved on
+    the worker)."""
     compile_mode: CompileMode = "default"
     """torch.compile mode: default, or max-autotune-no-cudagraphs (Triton GEMMs with fused epilogues; slow
     to compile), or reduce-overhead (CUDA graphs)."""
 
     def validate(self) -> Iterator[tuple[str, str]]:
+        if not isinstance(self.compile, bool) and self.compile != "auto":  # 1 == True passes the Literal check
+            yield "compile", f"expected true, false or 'auto', got {self.compile!r}"
         for i, layer in enumerate(self.latent_in_layers):
             if not 0 < layer < self.num_layers:
                 yield f"latent_in_layers[{i}]", f"must be in 1..{self.num_layers - 1}, got {layer}"
@@ -146,8 +149,9 @@ class OptimConfig:
     """Adam betas."""
     eps: PositiveFloat = 1e-8
     """Adam epsilon."""
-    precision: Precision = "fp32"
-    """fp32, tf32 (TF32 matmuls on Ampere+), or bf16 (autocast; weights and Adam stay fp32)."""
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = "fp32"
+    """fp32, tf32 (TF32 matmuls on Ampere+), bf16 (autocast; weights and Adam stay fp32), or auto: bf16 on CUDA
+    devices with native bf16 (compute capability 8.0+), fp32 elsewhere (resolved on the worker)."""
 
     def validate(self) -> Iterator[tuple[str, str]]:
         if self.schedule == "warmup" and self.warmup_epochs == 0:
@@ -199,6 +203,29 @@ class ScalingConfig:
     """How workers are placed on nodes (STRICT_SPREAD forces one worker per node)."""
     max_failures: NonNegativeInt = 2
     """Worker-group restarts from the latest checkpoint before the run is failed."""
+    gpus_per_worker: PositiveFloat = 1.0
+    """GPUs each worker holds with use_gpu: 1, or a fraction 1/n (0.5, 0.25, ...) that packs n single-worker
+    runs, such as the trials of a Tune sweep, on one GPU."""
+    gpu_memory_per_worker_gib: NonNegativeFloat = 0.0
+    """Expected peak GPU memory of one worker in GiB (a previous run's ``perf/peak_gpu_memory_gib`` plus about
+    1 GiB of CUDA context); a sweep refuses to pack more workers on one GPU than its memory holds. 0: unchecked."""
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        share = self.gpus_per_worker
+        if share == 1.0:
+            return
+        per_gpu = 1 / share if share > 0 else 0.0
+        if not self.use_gpu:
+            yield "gpus_per_worker", f"applies only with scaling.use_gpu: true, got {share:g}"
+        elif share > 1:
+            yield "gpus_per_worker", f"a worker uses one GPU: must be 1 or a fraction 1/n, got {share:g}"
+        elif abs(per_gpu - round(per_gpu)) > 0.01:
+            yield "gpus_per_worker", (f"{share:g} does not split a GPU evenly (1/{per_gpu:.3g} workers per GPU): "
+                                      f"use 1/n, e.g. 0.5, 0.25, 0.2, 0.125")
+        elif self.num_workers > 1:
+            yield "gpus_per_worker", (f"a fraction ({share:g}) is for single-worker runs (packed Tune trials): with "
+                                      f"num_workers={self.num_workers}, two ranks could share one GPU, which NCCL "
+                                      f"refuses")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,6 +13,7 @@ from sdf_ray.config import TrainConfig, to_dict, to_yaml, yaml_load
 from sdf_ray.errors import ClusterError, ConfigError, DataError, UserError, first_line
 from sdf_ray.fsutil import write_json_atomic, write_text_atomic
 from sdf_ray.run_files import RESOLVED_CONFIG_FILE, SUMMARY_FILE, WORKER_GROUP_STARTS_FILE
+from sdf_ray.startup import StartupClock
 
 # Keys that may change when a stopped run is resumed (resources, cadences, debugging, length).
 RESUMABLE_CHANGES = ("scaling.", "logging.", "debug.", "checkpoint.", "validation.", "optim.num_epochs")
@@ -77,6 +78,15 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
 
 def run_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.checkpoint.storage_path) / cfg.checkpoint.run_name
+
+
+COMPILE_CACHE_SUBDIR = ".compile-cache"
+
+
+def compile_cache_dir(storage_path: str) -> str:
+    """torch.compile's caches (inductor's and Triton's) for every run and sweep trial under ``storage_path``: the
+    compiled artifacts of one run are reused by the next and by the trials of a sweep running beside it."""
+    return str(Path(storage_path) / COMPILE_CACHE_SUBDIR)
 
 
 def check_dataset(cfg: TrainConfig) -> int:
@@ -161,8 +171,11 @@ def check_cluster_resources(cfg: TrainConfig) -> None:
     have_cpus, have_gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     num_nodes = num_alive_nodes()
     exists = f"the cluster has {num_nodes} node(s), {have_cpus:g} CPU(s), {have_gpus:g} GPU(s)"
-    if s.use_gpu and have_gpus < s.num_workers:
-        raise ClusterError(f"scaling.num_workers={s.num_workers} with use_gpu needs {s.num_workers} GPUs; {exists}")
+    gpus_needed = s.num_workers * s.gpus_per_worker
+    if s.use_gpu and have_gpus + 1e-9 < gpus_needed:
+        share = f" x gpus_per_worker={s.gpus_per_worker:g}" if s.gpus_per_worker != 1 else ""
+        raise ClusterError(f"scaling.num_workers={s.num_workers}{share} with use_gpu needs {gpus_needed:g} GPU(s); "
+                           f"{exists}")
     if cpus_needed > have_cpus:
         raise ClusterError(f"scaling.num_workers={s.num_workers} x cpus_per_worker={s.cpus_per_worker:g} needs "
                            f"{cpus_needed:g} CPUs; {exists}")
@@ -170,20 +183,35 @@ def check_cluster_resources(cfg: TrainConfig) -> None:
         raise ClusterError(f"placement_strategy STRICT_SPREAD needs {s.num_workers} nodes; {exists}")
 
 
-def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> Any:
-    """A ``TorchTrainer`` running ``sdf_ray.worker.train_fn_per_worker`` for ``cfg`` (paths resolved)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """Ray resources each worker holds: its CPUs and, with use_gpu, its share of a GPU."""
+    s = cfg.scaling
+    return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
 
+
+def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None, startup: StartupClock | None = None,
+                  cache_dir: str | None = None) -> Any:
+    """A ``TorchTrainer`` running ``sdf_ray.worker.train_fn_per_worker`` for ``cfg`` (paths resolved).
+
+    ``startup``: the driver's start-up marks, continued by the workers; ``cache_dir``: torch.compile's cache
+    (default: :func:`compile_cache_dir` of the run's storage path).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sdf_ray.ray_session import train_backend_config
     from sdf_ray.worker import train_fn_per_worker
 
     s = cfg.scaling
+    loop_config = {"train_config": to_dict(cfg), "run_dir": str(run_dir(cfg)),
+                   "compile_cache_dir": cache_dir or compile_cache_dir(cfg.checkpoint.storage_path),
+                   "startup": (startup or StartupClock()).to_dict()}
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"train_config": to_dict(cfg), "run_dir": str(run_dir(cfg))},
-        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        train_loop_config=loop_config,
+        torch_config=train_backend_config("nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker={"CPU": s.cpus_per_worker},
+                                     resources_per_worker=worker_resources(cfg),
                                      placement_strategy=s.placement_strategy),
         run_config=RunConfig(  # type: ignore[call-arg]  # Train V2's RunConfig takes logging_config
             name=cfg.checkpoint.run_name,
@@ -219,14 +247,24 @@ def _find_user_error(exc: BaseException) -> UserError | None:
     return None
 
 
-def fit(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> dict[str, Any]:
-    """Run the trainer to completion; returns the run's summary (``status: failed`` if Ray gave up)."""
+def fit(cfg: TrainConfig, *, callbacks: list[Any] | None = None, startup: StartupClock | None = None,
+        cache_dir: str | None = None) -> dict[str, Any]:
+    """Run the trainer to completion; returns the run's summary (``status: failed`` if Ray gave up).
+
+    ``startup``: the caller's clock (the command's, or a Tune trial's); ``fit()`` marks its start and end, and the
+    summary carries every mark with the breakdown (``sdf_ray.startup``).
+    """
     from ray.train import TrainingFailedError
 
+    from sdf_ray.ray_session import wait_for_autoscaling_coordinator
+
+    clock = startup or StartupClock()
     summary_path = run_dir(cfg) / SUMMARY_FILE
     summary_path.unlink(missing_ok=True)
     (run_dir(cfg) / WORKER_GROUP_STARTS_FILE).unlink(missing_ok=True)  # restarts are counted per fit()
-    trainer = build_trainer(cfg, callbacks=callbacks)
+    trainer = build_trainer(cfg, callbacks=callbacks, startup=clock, cache_dir=cache_dir)
+    wait_for_autoscaling_coordinator()  # after build_trainer's imports, which its start overlaps
+    clock.mark("fit_start")
     try:
         trainer.fit()
     except TrainingFailedError as exc:
@@ -238,11 +276,15 @@ def fit(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> dict[str, An
         failed: dict[str, Any] = {"status": "failed", "message": f"training failed after "
                    f"scaling.max_failures={cfg.scaling.max_failures} restart(s): {first}",
                    "run_name": cfg.checkpoint.run_name}
+        clock.mark("fit_end")
+        failed = clock.complete(failed)
         write_json_atomic(summary_path, failed)
         return failed
+    clock.mark("fit_end")
     summary = read_summary(cfg)
     if summary is None:  # workers ended without a summary: a bug, not a user error
         summary = {"status": "failed", "message": "workers exited without writing summary.json",
                    "run_name": cfg.checkpoint.run_name}
-        write_json_atomic(summary_path, summary)
+    summary = clock.complete(summary)
+    write_json_atomic(summary_path, summary)
     return summary

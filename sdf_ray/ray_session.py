@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 from sdf_ray.errors import ClusterError, first_line
@@ -25,6 +26,9 @@ log = logging.getLogger("sdf_ray")
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 FAST_HEALTH_CHECK_S = "0.1"
+EXISTING_SESSION = "existing Ray session"
+"""What :func:`connect_ray` returns when this process was connected already (a caller that did not start the
+session leaves it running)."""
 # Workaround: report collection. Ray Train V2 workers hand each ``ray.train.report`` to a queue of size 1
 # (``ray/train/v2/_internal/execution/context.py``) that the controller drains once per health check,
 # every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s by default): a worker that reports more often than that
@@ -63,7 +67,7 @@ def connect_ray(address: str | None, *, fast_reports: bool = True) -> str:
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
-        return "existing Ray session"
+        return EXISTING_SESSION
     if address:
         gcs_address = _gcs_address(address)
         _probe(gcs_address)
@@ -72,8 +76,69 @@ def connect_ray(address: str | None, *, fast_reports: bool = True) -> str:
                      runtime_env={"env_vars": job_env_vars(gcs_address, fast_reports=fast_reports)})
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ClusterError(f"cannot connect to the Ray cluster at {gcs_address}: {first_line(exc)}") from None
+        start_autoscaling_coordinator()
         return f"Ray cluster at {gcs_address}"
-    return f"embedded local Ray ({_start_embedded_ray(fast_reports)})"
+    description = f"embedded local Ray ({_start_embedded_ray(fast_reports)})"
+    start_autoscaling_coordinator()
+    return description
+
+
+def disconnect_ray() -> None:
+    """Shut down the Ray this process started (an embedded one stops; a cluster is only disconnected)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# Workaround: Ray Train's autoscaling coordinator starts cold inside the run. The Train controller registers the
+# run's resources with the cluster-wide AutoscalingCoordinator actor as soon as it starts
+# (``ScalingPolicy.after_controller_start``, ray-project/ray PR #61703, Ray 2.60), creating that detached actor on
+# first use (``get_or_create_autoscaling_coordinator`` in ray/data/_internal/cluster_autoscaler/
+# default_autoscaling_coordinator.py) and waiting ``AUTOSCALING_REQUESTS_GET_TIMEOUT_S`` = 5 s for its answer
+# (the timeout asked for in PR #60721's review). A new actor needs a worker process that imports Ray Data first:
+# 4.5 s from creation to its first answer on an idle 2-core machine, more while the controller and the workers
+# start beside it. So the first run on a fresh Ray holds its controller up to 5 s and, past that, logs "Failed to
+# send resource request ... GetTimeoutError" with a traceback (seen on an H200, and in Tune trials here).
+# Creating the actor right after connecting, and waiting for it (generous timeout) just before fit(), overlaps its
+# start with the driver's imports; the controller then finds it running (looked up by name). Measured on the
+# 2-core machine, tiny run: the controller's first request took 0.2 s instead of 2.6 s. No Ray issue found (Ray
+# Data's own client stopped blocking in PR #62725; Train's still blocks).
+# Delete when: Ray Train's first resource request no longer blocks on (or times out for) a coordinator that is
+# still starting. Check: remove these calls; tests/test_startup.py's no-traceback test must still pass.
+COORDINATOR_START_TIMEOUT_S = 60.0
+
+
+def _autoscaling_coordinator() -> Any:
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    return get_or_create_autoscaling_coordinator()
+
+
+def start_autoscaling_coordinator() -> None:
+    """Create Ray Train's autoscaling coordinator without waiting for it (see the workaround above)."""
+    try:
+        _autoscaling_coordinator()
+    except Exception as exc:  # an upgraded Ray may have moved it: then it is Ray Train's own business again
+        log.debug("cannot pre-create Ray Train's autoscaling coordinator: %s", first_line(exc))
+
+
+def wait_for_autoscaling_coordinator(timeout_s: float = COORDINATOR_START_TIMEOUT_S) -> None:
+    """Before a run starts: create the coordinator if needed and wait until it answers (see above)."""
+    import ray
+
+    try:
+        handle = _autoscaling_coordinator()
+    except Exception as exc:
+        log.debug("cannot pre-create Ray Train's autoscaling coordinator: %s", first_line(exc))
+        return
+    try:
+        ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)
+    except Exception as exc:
+        log.warning("Ray Train's autoscaling coordinator did not start within %g s (%s); Ray Train may log "
+                    "'Failed to send resource request'", timeout_s, first_line(exc))
 
 
 # Workaround: every process of the job gets ``RAY_ADDRESS`` = this cluster's GCS address (job_env_vars).
@@ -151,6 +216,41 @@ def _start_embedded_ray(fast_reports: bool) -> str:
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = previous
     return gcs_address
+
+
+# Instrumentation, not a workaround: Ray Train has no public hook at the moments its worker group is up and its
+# torch process group is ready. A TorchConfig whose backend wraps ``_TorchBackend.on_start`` (Ray 2.60,
+# ray/train/torch/config.py; on_start creates the process group) takes those two marks in the controller and
+# hands them to the worker processes for the start-up breakdown (sdf_ray.startup). If Ray renames the class, the
+# plain TorchConfig is used and the breakdown merges those phases into the next one.
+# Delete when: Ray Train reports worker-group start-up timings, or takes callbacks for them, publicly.
+
+
+def train_backend_config(backend: str) -> Any:
+    """Ray Train's ``TorchConfig(backend=...)`` that also marks the worker group up and the process group ready."""
+    import dataclasses
+
+    from ray.train.torch import TorchConfig
+
+    try:
+        from ray.train.torch.config import _TorchBackend
+    except ImportError:
+        return TorchConfig(backend=backend)
+    from sdf_ray.startup import record_remote_marks
+
+    class TimedTorchBackend(_TorchBackend):  # type: ignore[misc, valid-type]
+        def on_start(self, worker_group: Any, backend_config: Any) -> None:
+            started = time.time()
+            super().on_start(worker_group, backend_config)
+            worker_group.execute(record_remote_marks, {"worker_group_up": started, "process_group_ready": time.time()})
+
+    @dataclasses.dataclass
+    class TimedTorchConfig(TorchConfig):  # type: ignore[misc, valid-type]
+        @property
+        def backend_cls(self) -> type:
+            return TimedTorchBackend
+
+    return TimedTorchConfig(backend=backend)
 
 
 def quiet_train_report_log() -> None:

@@ -186,17 +186,24 @@ def _silent(line: str) -> None:
     pass
 
 
+def _no_phase(name: str) -> None:
+    pass
+
+
 def run_training(cfg: TrainConfig, coll: Collectives, device: torch.device, reporter: Reporter,
                  run_dir: str | Path, resume_from: dict[str, Any] | None = None, restarts: int = 0,
-                 on_rank0_line: Callable[[str], None] = log.info) -> RunResult:
+                 on_rank0_line: Callable[[str], None] = log.info,
+                 on_phase: Callable[[str], None] = _no_phase) -> RunResult:
     """Train to ``optim.num_epochs`` (or divergence). Every rank calls this with the same config.
 
     ``restarts``: how many times the worker group was restarted before this attempt (for reporting).
+    ``on_phase``: called with data_loaded, state_built, first_step_done, last_step_done (the start-up clock).
     """
     configure_precision(cfg)
     rank, world = coll.rank, coll.world_size
     say = on_rank0_line if rank == 0 else _silent
     num_scenes, packed = load_shard(cfg, rank, world)
+    on_phase("data_loaded")
     state = build_state(cfg, coll, device, num_scenes)
     if resume_from is not None:
         ckpt.resume(state, resume_from)
@@ -213,6 +220,8 @@ def run_training(cfg: TrainConfig, coll: Collectives, device: torch.device, repo
     metrics: dict[str, Any] = {}
     status, message = "finished", ""
     say(start_line(state, resumed=resume_from is not None))
+    on_phase("state_built")
+    first_step = state.step
     epoch = -1
     while state.step < schedule.total_steps:
         step = state.step
@@ -223,6 +232,10 @@ def run_training(cfg: TrainConfig, coll: Collectives, device: torch.device, repo
         scene_idx_B, xyz_N3, sdf_N = sampler.batch(step + state.data_offset)
         train_step(state, scene_idx_B, xyz_N3, sdf_N, reg_weight, injections_at(cfg, step, rank))
         state.step += 1
+        if state.step == first_step + 1:
+            on_phase("first_step_done")
+        if state.step == schedule.total_steps:
+            on_phase("last_step_done")
         if not schedule.report_due(state.step):
             continue
 

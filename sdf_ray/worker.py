@@ -1,15 +1,18 @@
 """The only Ray Train boundary: ``train_fn_per_worker`` runs on every worker of a ``TorchTrainer``.
 
-It rebuilds the config from the dict the driver validated, resumes from Ray's latest checkpoint when
-there is one, runs the Ray-free training loop, reports metrics (all ranks, same count) and
-checkpoints (rank 0 writes them), and rank 0 writes ``summary.json`` at the end.
+It rebuilds the config from the dict the driver validated, resolves its ``auto`` settings for this worker's
+device, resumes from Ray's latest checkpoint when there is one, runs the Ray-free training loop, reports metrics
+(all ranks, same count) and checkpoints (rank 0 writes them), and rank 0 writes ``summary.json`` at the end, with
+the resolved settings and the start-up marks (``sdf_ray.startup``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +21,18 @@ import ray.train.torch
 import torch
 
 from sdf_ray import checkpoint as ckpt
-from sdf_ray.config import from_dict, to_yaml
+from sdf_ray.config import TrainConfig, from_dict, to_yaml
+from sdf_ray.device_settings import describe, resolve_for_device
 from sdf_ray.dist import default_collectives
 from sdf_ray.fsutil import write_json_atomic, write_text_atomic
 from sdf_ray.ray_session import quiet_train_report_log
 from sdf_ray.run_files import RESOLVED_CONFIG_FILE, SUMMARY_FILE, WORKER_GROUP_STARTS_FILE
+from sdf_ray.startup import StartupClock, remote_marks
 from sdf_ray.train_loop import run_training
+
+log = logging.getLogger("sdf_ray")
+
+COMPILE_CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 def count_worker_group_start(run_dir: Path) -> int:
@@ -47,15 +56,50 @@ def _setup_logging(level: str, rank: int) -> None:
         logger.propagate = False
 
 
+def use_compile_cache(cache_dir: str) -> dict[str, str]:
+    """Point torch.compile's caches (inductor's, and Triton's kernels) at ``cache_dir``, shared by every run and
+    sweep trial under one storage path; a variable already set (by the user, or the job's runtime env) wins.
+    Set before anything compiles: both read their variable when they first need the directory."""
+    for name, sub in zip(COMPILE_CACHE_ENV, ("inductor", "triton")):
+        os.environ.setdefault(name, str(Path(cache_dir) / sub))
+    return {name: os.environ[name] for name in COMPILE_CACHE_ENV}
+
+
+class _Timeline:
+    """Rank 0's start-up marks, continued from the driver's (``loop_config["startup"]``), and the time spent on
+    checkpoints."""
+
+    def __init__(self, loop_config: dict[str, Any], device: torch.device) -> None:
+        self.clock = StartupClock.from_dict(loop_config["startup"]) if "startup" in loop_config else StartupClock()
+        for name, at in remote_marks().items():  # Ray Train's controller: worker group up, process group ready
+            self.clock.mark(name, at)
+        self.device = device
+        self.checkpoint_s = 0.0
+        self.num_checkpoints = 0
+
+    def phase(self, name: str) -> None:
+        """``run_training``'s ``on_phase`` hook; the step marks wait for the device, so they are real."""
+        if name in ("first_step_done", "last_step_done") and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.clock.mark(name, keep_first=name != "last_step_done")
+
+
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
-    cfg = from_dict(loop_config["train_config"])
+    requested = from_dict(loop_config["train_config"])
     run_dir = Path(loop_config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)  # on a node that never saw the driver's mkdir
     rank = ray.train.get_context().get_world_rank()
-    _setup_logging(cfg.logging.level, rank)
-    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    _setup_logging(requested.logging.level, rank)
+    device = ray.train.torch.get_device() if requested.scaling.use_gpu else torch.device("cpu")
+    timeline = _Timeline(loop_config, device)
+    timeline.clock.mark("train_fn_start")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    cfg = resolve_for_device(requested, device)
+    cache_env = use_compile_cache(loop_config["compile_cache_dir"]) if "compile_cache_dir" in loop_config else {}
+    if rank == 0:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        log.info("device %s (%s): %s", device, name, describe(requested, cfg))
     coll = default_collectives()
 
     resume_from = None
@@ -66,14 +110,34 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     def reporter(metrics: dict[str, Any], snapshot: dict[str, Any] | None) -> None:
         if snapshot is not None and rank == 0:
+            started = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="sdf-ray-ckpt-") as tmp:
                 ckpt.save(snapshot, tmp)
-                (Path(tmp) / RESOLVED_CONFIG_FILE).write_text(to_yaml(cfg))
+                # The config the run was started with (``auto`` unresolved), as in the run directory.
+                (Path(tmp) / RESOLVED_CONFIG_FILE).write_text(to_yaml(requested))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            timeline.checkpoint_s += time.perf_counter() - started
+            timeline.num_checkpoints += 1
         else:
             ray.train.report(metrics)
 
     result = run_training(cfg, coll, device, reporter, run_dir, resume_from=resume_from,
-                          restarts=count_worker_group_start(run_dir) if rank == 0 else 0)
+                          restarts=count_worker_group_start(run_dir) if rank == 0 else 0, on_phase=timeline.phase)
+    timeline.clock.mark("training_done")
     if rank == 0:
-        write_json_atomic(run_dir / SUMMARY_FILE, result.as_summary(cfg))
+        write_json_atomic(run_dir / SUMMARY_FILE, _summary(result.as_summary(cfg), cfg, device, timeline, cache_env))
+
+
+def _summary(summary: dict[str, Any], cfg: TrainConfig, device: torch.device, timeline: _Timeline,
+             cache_env: dict[str, str]) -> dict[str, Any]:
+    """The loop's summary plus what ran (resolved settings, device), where the time went and the memory used."""
+    extra: dict[str, Any] = {
+        "samples_trained": int(summary["steps"]) * cfg.data.scenes_per_step * cfg.data.samples_per_scene,
+        "precision": cfg.optim.precision, "compile": cfg.model.compile,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "perf/checkpoint_seconds": round(timeline.checkpoint_s, 3), "perf/num_checkpoints": timeline.num_checkpoints,
+        "compile_cache": cache_env,
+    }
+    if device.type == "cuda":
+        extra["perf/peak_gpu_memory_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+    return {**summary, **extra, **timeline.clock.summary_fields()}

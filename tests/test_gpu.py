@@ -83,3 +83,31 @@ def test_one_gpu_run_through_ray_train_with_nccl(ray_session, tiny_dataset, tmp_
                  "--set", "scaling.num_workers=1", "--set", "debug.inject=[{step: 3, rank: 0, site: latent}]"])
     summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
     assert code == 0 and summary["status"] == "finished" and summary["skipped_steps"] == 1
+
+
+@pytest.mark.ray
+def test_a_packed_sweep_runs_four_quarter_gpu_trials_at_once(ray_session, tiny_dataset, tmp_path, capsys):
+    """Four single-worker trials at scaling.gpus_per_worker=0.25 share one GPU and train at the same time."""
+    from sdf_ray.cli import main
+
+    search_file = tmp_path / "packed.yaml"
+    search_file.write_text("space:\n  optim.decoder_lr: {grid: [1.0e-3, 2.0e-3, 3.0e-3, 4.0e-3]}\n"
+                           "scheduler: fifo\nmax_concurrent_trials: 4\n")
+    sets = {"data.path": tiny_dataset, "checkpoint.storage_path": tmp_path / "runs", "scaling.use_gpu": "true",
+            "scaling.num_workers": 1, "scaling.gpus_per_worker": 0.25, "optim.num_epochs": 2000,
+            "logging.every_n_steps": 1000, "checkpoint.every_n_epochs": 2000}
+    args = ["tune", "--config", str(C.packaged_config("tiny")), "--search", str(search_file), "--name", "packed"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "up to 4 at once (1 CPU(s) and 0.25 GPU(s) each)" in out
+    directory = tmp_path / "runs" / "packed"
+    summary = json.loads((directory / "tune_summary.json").read_text())
+    assert summary["status_counts"].get("finished") == 4 and summary["samples_per_s"] > 0
+    trials = [json.loads(p.read_text()) for p in (directory / "trials").glob("*/summary.json")]
+    assert len(trials) == 4 and {t["device"] for t in trials} == {torch.cuda.get_device_name()}
+    # Each trial's training window (first step done -> last step done, wall clock): all four overlap.
+    windows = [(t["startup_origin_unix"] + t["startup_marks"]["first_step_done"],
+                t["startup_origin_unix"] + t["startup_marks"]["last_step_done"]) for t in trials]
+    assert max(start for start, _ in windows) < min(end for _, end in windows), windows

@@ -46,6 +46,11 @@ def test_nan_on_one_rank_at_each_site_is_skipped_by_every_rank(ray_session, tiny
     # 8 reports, one per step: with Ray Train's default 2 s collection of reports (a queue of one per
     # worker), report() would hold the loop for ~14 s (0.6 s measured without); sdf-ray has the controller collect every 0.1 s.
     assert summary["elapsed_s"] < 10
+    # What the worker ran with and where its time went (tests/test_startup.py checks the arithmetic).
+    assert summary["precision"] == "fp32" and summary["compile"] is False and summary["device"] == "cpu"
+    assert summary["compile_cache"]["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / ".compile-cache" / "inductor")
+    assert summary["perf/startup_seconds"] >= summary["perf/first_step_seconds"] >= 0
+    assert summary["perf/teardown_seconds"] >= 0 and summary["samples_trained"] == 8 * 4 * 64
 
 
 def test_nan_every_step_escalates_to_rollback_then_diverged(ray_session, tiny_dataset, tmp_path):

@@ -9,10 +9,10 @@ import pytest
 
 from sdf_ray import config as C
 from sdf_ray.errors import ConfigError
+from tests.helpers import tiny_config
 from tuning import outputs, search
 from tuning.search import CollapseSpec, DivergenceSpec
 from tuning.stopper import PRUNED_COLLAPSED, PRUNED_DIVERGED, DivergenceStopper, replay
-from tests.helpers import tiny_config
 
 DIVERGENCE = DivergenceSpec(loss_growth_factor=10.0, max_skip_fraction=0.5)
 COLLAPSE = CollapseSpec(max_grad_norm=1e-4, max_loss_change=1e-3, patience=3)

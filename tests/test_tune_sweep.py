@@ -82,6 +82,14 @@ def test_sweep_prunes_diverging_trials_and_writes_a_best_config_that_trains(ray_
     assert summary["best_trial_id"] in {r["trial_id"] for r in healthy}
     assert summary["best_params"]["debug.inject"] == []
 
+    # Throughput and start-up of the trials; every trial compiles into the one cache under the storage path.
+    assert summary["samples_trained"] > 0 and summary["samples_per_s"] > 0
+    assert summary["trial_startup_seconds_mean"] > 0
+    finished = [json.loads(p.read_text()) for p in (directory / "trials").glob("*/summary.json")]
+    assert finished and all(s["startup_origin"] == "trial" for s in finished)
+    assert {s["compile_cache"]["TORCHINDUCTOR_CACHE_DIR"] for s in finished} == {
+        str(storage / ".compile-cache" / "inductor")}
+
     best_path = directory / "best_config.yaml"
     best = C.load(best_path)
     assert best.checkpoint.run_name == f"{NAME}-best" and best.debug == C.DebugConfig()

@@ -50,6 +50,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"sdf-ray tune: {name} on {where}", flush=True)
     summary = sweep.run(cfg, spec, name, num_scenes=num_scenes, overwrite=args.overwrite)
     print(outputs.format_table(spec, summary))
+    if summary.get("samples_per_s"):
+        print(f"throughput: {summary['samples_trained']:,} samples trained in {summary['elapsed_s']:g} s, "
+              f"{summary['samples_per_s'] / 1e6:.2f} M samples/s over the sweep; a trial's start-up "
+              f"{summary.get('trial_startup_seconds_mean')} s and teardown {summary.get('trial_teardown_seconds_mean')} "
+              f"s on average (each trial's summary.json has its breakdown)")
     from sdf_ray.plots import write_sweep_plot
 
     plot = write_sweep_plot(summary["directory"])

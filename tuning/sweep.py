@@ -6,11 +6,21 @@ Sizing it is ``tuning.planning``'s job; the sweep directory and the files writte
 
 The trainable holds no resources of its own (the TorchTrainer's workers hold them): Tune gets a head bundle of
 a little memory and no CPU (``planning.TRAINABLE_RESOURCES``), and ``max_concurrent_trials`` keeps the number
-of in-flight Train runs to what the cluster can hold.
+of in-flight Train runs to what the cluster can hold; with ``scaling.gpus_per_worker`` below 1, several trials
+share a GPU.
+
+What the trials share rather than repeat: torch.compile's caches (``<checkpoint.storage_path>/.compile-cache``,
+the same directory plain runs use: the first trial compiles, the others load its kernels), Ray itself and
+Ray Train's autoscaling coordinator. What each trial still pays: its own processes (trial actor, Train
+controller, workers: imports, CUDA context), reading its dataset (the same files for every trial, served from the
+OS page cache after the first) and tracing the model for compilation. Each trial's ``summary.json`` has its
+start-up breakdown from the trial's start (``sdf_ray.startup``); ``tune_summary.json`` adds the sweep's
+throughput (all trials' samples over its wall time) and the trials' mean start-up.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +32,8 @@ from sdf_ray import config as config_mod
 from sdf_ray import launch
 from sdf_ray.errors import ConfigError
 from sdf_ray.fsutil import write_json_atomic, write_text_atomic
+from sdf_ray.run_files import SUMMARY_FILE
+from sdf_ray.startup import STARTUP_KEY, TEARDOWN_KEY, StartupClock
 from tuning.outputs import SUMMARY_JSON, TRIALS_SUBDIR, plain, trial_run_name, tune_dir, write_outputs
 from tuning.planning import TRAINABLE_RESOURCES, Plan, plan
 from tuning.reaper import LeakedPlacementGroupReaper
@@ -43,16 +55,19 @@ def trial_config(base: config_mod.TrainConfig, params: dict[str, Any], trial_id:
 
 
 def train_driver_fn(config: dict[str, Any], base_config: dict[str, Any], trials_dir: str,
-                    param_keys: list[str]) -> None:
+                    param_keys: list[str], compile_cache_dir: str | None = None) -> None:
     """The Tune function trainable: apply the sampled params and fit one Train V2 run, reporting through Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    clock = StartupClock(origin=time.time(), origin_kind="trial")
     trial_id = tune.get_context().get_trial_id()
     params = {k: config[k] for k in param_keys if k in config}
     cfg = trial_config(config_mod.from_dict(base_config), params, trial_id, trials_dir)
     launch.prepare_run_dir(cfg, overwrite=False)  # a restored trial resumes from its Train checkpoints
-    summary = launch.fit(cfg, callbacks=[TuneReportCallback()])
+    clock.mark("config_checked")
+    clock.mark("ray_connected")  # the trial runs inside the sweep's Ray
+    summary = launch.fit(cfg, callbacks=[TuneReportCallback()], startup=clock, cache_dir=compile_cache_dir)
     if summary.get("status") == "failed":
         raise RuntimeError(summary.get("message", "training failed"))
 
@@ -111,7 +126,8 @@ def _trainable(cfg: config_mod.TrainConfig, spec: SearchSpec, directory: Path) -
     from ray import tune
 
     fn = tune.with_parameters(train_driver_fn, base_config=config_mod.to_dict(cfg),
-                              trials_dir=str(directory / TRIALS_SUBDIR), param_keys=spec.keys)
+                              trials_dir=str(directory / TRIALS_SUBDIR), param_keys=spec.keys,
+                              compile_cache_dir=launch.compile_cache_dir(cfg.checkpoint.storage_path))
     return tune.with_resources(fn, dict(TRAINABLE_RESOURCES))
 
 
@@ -131,7 +147,8 @@ def run(cfg: config_mod.TrainConfig, spec: SearchSpec, name: str, *, num_scenes:
         shutil.rmtree(directory)
     stopper = DivergenceStopper(spec.divergence, spec.collapse)
     started = time.perf_counter()
-    if tune.Tuner.can_restore(str(directory)):
+    resuming = tune.Tuner.can_restore(str(directory))
+    if resuming:
         _check_same_sweep(directory, record)
         log(f"sdf-ray tune: resuming the sweep in {directory}")
         tuner = tune.Tuner.restore(str(directory), trainable=_trainable(cfg, spec, directory),
@@ -140,10 +157,31 @@ def run(cfg: config_mod.TrainConfig, spec: SearchSpec, name: str, *, num_scenes:
         directory.mkdir(parents=True, exist_ok=True)
         write_text_atomic(directory / SWEEP_FILE, yaml.safe_dump(record, sort_keys=False))
         log(f"sdf-ray tune: {spec.num_trials()} trial(s), up to {sweep_plan.max_concurrent_trials} at once "
-            f"({sweep_plan.cpus_per_trial:g} CPU(s) each); sweep directory {directory}")
+            f"({sweep_plan.describe()}); sweep directory {directory}")
         tuner = _make_tuner(cfg, spec, name, sweep_plan, stopper, directory)
     results = tuner.fit()
     summary = write_outputs(cfg, spec, name, directory, results, stopper.reasons, num_scenes)
     summary["elapsed_s"] = round(time.perf_counter() - started, 1)
+    summary.update(throughput(directory / TRIALS_SUBDIR, None if resuming else summary["elapsed_s"]))
     write_json_atomic(directory / SUMMARY_JSON, summary)
     return summary
+
+
+def throughput(trials_dir: Path, elapsed_s: float | None) -> dict[str, Any]:
+    """The sweep's samples/s (the samples of every trial that wrote a summary.json, i.e. ran to its end, over the
+    sweep's wall time; None for a resumed sweep, whose wall time does not cover its trials) and the trials' mean
+    start-up and teardown."""
+    summaries = []
+    for path in sorted(trials_dir.glob(f"*/{SUMMARY_FILE}")):
+        try:
+            summaries.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    samples = sum(int(s.get("samples_trained", 0)) for s in summaries)
+
+    def mean(key: str) -> float | None:
+        values = [float(s[key]) for s in summaries if isinstance(s.get(key), (int, float))]
+        return round(sum(values) / len(values), 2) if values else None
+
+    return {"samples_trained": samples, "samples_per_s": round(samples / elapsed_s, 1) if elapsed_s else None,
+            "trial_startup_seconds_mean": mean(STARTUP_KEY), "trial_teardown_seconds_mean": mean(TEARDOWN_KEY)}

@@ -1,0 +1,193 @@
+"""Where a run's time goes between the command and its first step, and between its last step and the exit.
+
+The processes of a run mark the moments they reach (``StartupClock.mark``): the driver (the command started,
+Ray connected, ``fit()`` called and returned, Ray shut down), Ray Train's controller (the worker group up, the
+process group ready; ``ray_session.train_backend_config``) and rank 0 (the training function started, data
+loaded, state built, first and last step done). Marks are wall-clock times (``time.time()``), comparable across
+processes and across nodes whose clocks agree; each is kept as seconds since the origin: the driver process's
+start (the command), or the start of a Tune trial. The driver passes its marks to the workers in the loop
+config, rank 0 adds its own to ``summary.json``, and the driver completes them after ``fit()``.
+
+Phases are the differences between consecutive marks, so they add up to the totals exactly:
+``perf/startup_seconds`` (origin -> first step done), ``perf/first_step_seconds`` (state built -> first step
+done: compilation), ``perf/teardown_seconds`` (last step done -> the last mark). A mark a process could not
+take is left out and its phase merges with the next one (``data_load+state_build``). Stdlib only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+_IMPORTED_AT = time.time()
+
+# (mark, the phase that ends at it, what that phase covers), in the order a run reaches them.
+MARKS: tuple[tuple[str, str, str], ...] = (
+    ("origin", "", "the command (the driver process starts) or the Tune trial starts"),
+    ("config_checked", "launch", "Python start-up, imports, config and dataset checks"),
+    ("ray_connected", "ray_start", "start an embedded Ray, or connect to a cluster"),
+    ("fit_start", "driver_prepare", "cluster checks, the trainer built, Ray Train's autoscaling coordinator up"),
+    ("worker_group_up", "worker_group_start", "Ray Train controller, placement group, worker processes"),
+    ("process_group_ready", "process_group_init", "torch.distributed process group"),
+    ("train_fn_start", "train_fn_launch", "the training function reaches the workers (imports)"),
+    ("data_loaded", "data_load", "device set-up, resume checkpoint, this rank's scenes read"),
+    ("state_built", "state_build", "decoder, codes, optimizer, samples on the device"),
+    ("first_step_done", "first_step", "the first step, compilation included"),
+    ("last_step_done", "training", "every other step"),
+    ("training_done", "final_report", "the last report and checkpoint, replica checksums"),
+    ("fit_end", "trainer_shutdown", "Ray Train stops its workers and controller"),
+    ("exit", "ray_shutdown", "shut down the embedded Ray (or disconnect)"),
+)
+MARK_NAMES = tuple(m for m, _, _ in MARKS)
+PHASE_OF = {m: phase for m, phase, _ in MARKS}
+DESCRIPTION = {phase: text for _, phase, text in MARKS}
+FIRST_STEP, LAST_STEP = "first_step_done", "last_step_done"
+STARTUP_KEY, FIRST_STEP_KEY, TEARDOWN_KEY = "perf/startup_seconds", "perf/first_step_seconds", "perf/teardown_seconds"
+MARKS_KEY, ORIGIN_KEY, ORIGIN_TIME_KEY = "startup_marks", "startup_origin", "startup_origin_unix"
+
+
+def process_start_time() -> float:
+    """Wall-clock time at which this process started (Linux ``/proc``), else when this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            # Field 22, starttime, in clock ticks after boot; fields after the ")" that closes the name start at 3.
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age if 0 <= age < 86400 * 365 else _IMPORTED_AT
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED_AT
+
+
+class StartupClock:
+    """Marks in seconds since ``origin`` (a wall-clock time). Plain data travels as :meth:`to_dict`."""
+
+    def __init__(self, origin: float | None = None, marks: dict[str, float] | None = None,
+                 origin_kind: str = "command") -> None:
+        self.origin = process_start_time() if origin is None else origin
+        self.origin_kind = origin_kind  # "command" (the driver process's start) or "trial" (a Tune trial's start)
+        self.marks: dict[str, float] = dict(marks or {})
+        self.marks.setdefault("origin", 0.0)
+
+    def mark(self, name: str, at: float | None = None, *, keep_first: bool = False) -> None:
+        """Record ``name`` now (or at the wall-clock time ``at``); ``keep_first`` leaves an earlier mark."""
+        assert name in MARK_NAMES, name
+        if keep_first and name in self.marks:
+            return
+        self.marks[name] = round((time.time() if at is None else at) - self.origin, 4)
+
+    def merge(self, marks: dict[str, float] | None) -> None:
+        """Add another process's marks (same origin); ours win where both have one."""
+        for name, value in (marks or {}).items():
+            if name in MARK_NAMES:
+                self.marks.setdefault(name, float(value))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"origin": self.origin, "marks": dict(self.marks), "origin_kind": self.origin_kind}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StartupClock:
+        return cls(origin=float(data["origin"]), marks=data.get("marks"),
+                   origin_kind=str(data.get("origin_kind", "command")))
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {**summary_fields(self.marks), ORIGIN_KEY: self.origin_kind, ORIGIN_TIME_KEY: round(self.origin, 3)}
+
+    def complete(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """``summary`` with this clock's marks added to the ones it carries, and its perf fields recomputed."""
+        self.merge(summary.get(MARKS_KEY))
+        stale = [k for k in summary if k.startswith("perf/phase/")]
+        return {**{k: v for k, v in summary.items() if k not in stale}, **self.summary_fields()}
+
+
+def _ordered(marks: dict[str, float]) -> list[tuple[str, float]]:
+    """The present marks in run order, each no earlier than the one before it (clocks of different nodes may
+    disagree by milliseconds; phases must stay non-negative and still add up)."""
+    out: list[tuple[str, float]] = []
+    latest = 0.0
+    for name in MARK_NAMES:
+        if name in marks:
+            latest = max(latest, float(marks[name]))
+            out.append((name, latest))
+    return out
+
+
+def phases(marks: dict[str, float]) -> list[tuple[str, float, str]]:
+    """(phase, seconds, end mark) between consecutive present marks; a missing mark merges its phase into the
+    next one's name (``data_load+state_build``)."""
+    out: list[tuple[str, float, str]] = []
+    ordered = _ordered(marks)
+    index = {name: i for i, name in enumerate(MARK_NAMES)}
+    for (prev, t0), (name, t1) in zip(ordered, ordered[1:]):
+        spanned = [PHASE_OF[m] for m in MARK_NAMES[index[prev] + 1:index[name] + 1]]
+        out.append(("+".join(spanned), round(t1 - t0, 4), name))
+    return out
+
+
+def _is_startup(end_mark: str) -> bool:
+    return MARK_NAMES.index(end_mark) <= MARK_NAMES.index(FIRST_STEP)
+
+
+def _is_teardown(end_mark: str) -> bool:
+    return MARK_NAMES.index(end_mark) > MARK_NAMES.index(LAST_STEP)
+
+
+def summary_fields(marks: dict[str, float]) -> dict[str, Any]:
+    """The ``perf/*`` start-up fields of ``summary.json`` (and the marks they come from).
+
+    ``perf/phase/<phase>_seconds`` for every phase; the totals are sums of those phases: start-up ends with the
+    first step, teardown starts after the last one. A total whose end marks are missing is left out.
+    """
+    fields: dict[str, Any] = {MARKS_KEY: dict(marks)}
+    listed = phases(marks)
+    for phase, seconds, _ in listed:
+        fields[f"perf/phase/{phase}_seconds"] = seconds
+    present = {name for name, _ in _ordered(marks)}
+    if FIRST_STEP in present:
+        fields[STARTUP_KEY] = round(sum(s for _, s, end in listed if _is_startup(end)), 4)
+        if "state_built" in present:
+            fields[FIRST_STEP_KEY] = fields["perf/phase/first_step_seconds"]
+    if LAST_STEP in present:
+        fields[TEARDOWN_KEY] = round(sum(s for _, s, end in listed if _is_teardown(end)), 4)
+    return fields
+
+
+def format_breakdown(summary: dict[str, Any]) -> str:
+    """The breakdown printed at the end of a run, from its summary's marks."""
+    marks = summary.get(MARKS_KEY) or {}
+    listed = phases(marks)
+    if not listed:
+        return ""
+    head = []
+    if STARTUP_KEY in summary:
+        head.append(f"first step done {summary[STARTUP_KEY]:.1f} s after the {_origin_word(summary)}")
+    if TEARDOWN_KEY in summary:
+        head.append(f"teardown {summary[TEARDOWN_KEY]:.1f} s after the last step")
+    lines = ["time: " + ", ".join(head) if head else "time:"]
+    for phase, seconds, end in listed:
+        text = " + ".join(DESCRIPTION[p] for p in phase.split("+"))
+        where = "start-up" if _is_startup(end) else "teardown" if _is_teardown(end) else "training"
+        lines.append(f"  {where:9s} {phase:28s} {seconds:7.2f} s  {text}")
+    return "\n".join(lines)
+
+
+def _origin_word(summary: dict[str, Any]) -> str:
+    return "trial's start" if summary.get(ORIGIN_KEY) == "trial" else "command"
+
+
+# ---------------------------------------------------------------------------------------------
+# Marks taken in Ray Train's controller, delivered to the worker processes (ray_session.train_backend_config)
+
+_REMOTE_MARKS: dict[str, float] = {}
+
+
+def record_remote_marks(marks: dict[str, float]) -> None:
+    """Runs in each worker process: keep the controller's wall-clock marks for the training function."""
+    _REMOTE_MARKS.update(marks)
+
+
+def remote_marks() -> dict[str, float]:
+    """The wall-clock marks the controller delivered to this worker process (``{}`` when it delivered none)."""
+    return dict(_REMOTE_MARKS)

@@ -1,0 +1,120 @@
+"""The start-up breakdown: its arithmetic (no Ray), and one real `sdf-ray train` in a fresh process (Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sdf_ray import startup
+from sdf_ray.config import packaged_config
+from sdf_ray.startup import STARTUP_KEY, TEARDOWN_KEY, StartupClock, phases, summary_fields
+
+ALL = {name: float(i) for i, name in enumerate(startup.MARK_NAMES)}  # one second per phase
+
+
+def phase_sum(fields: dict, end_marks: set[str]) -> float:
+    return sum(seconds for phase, seconds, end in phases(fields[startup.MARKS_KEY]) if end in end_marks)
+
+
+def test_every_phase_adds_up_to_the_totals():
+    fields = summary_fields(ALL)
+    first = startup.MARK_NAMES.index("first_step_done")
+    assert fields[STARTUP_KEY] == first  # origin -> first step done: one second per phase
+    assert fields[startup.FIRST_STEP_KEY] == 1.0
+    assert fields[TEARDOWN_KEY] == len(startup.MARK_NAMES) - 1 - startup.MARK_NAMES.index("last_step_done")
+    per_phase = {k: v for k, v in fields.items() if k.startswith("perf/phase/")}
+    assert len(per_phase) == len(startup.MARK_NAMES) - 1 and set(per_phase.values()) == {1.0}
+    assert "perf/phase/ray_start_seconds" in per_phase and "perf/phase/trainer_shutdown_seconds" in per_phase
+
+
+def test_a_missing_mark_merges_its_phase_into_the_next():
+    marks = {k: v for k, v in ALL.items() if k not in ("data_loaded", "worker_group_up", "process_group_ready")}
+    fields = summary_fields(marks)
+    assert fields["perf/phase/data_load+state_build_seconds"] == 2.0
+    assert fields["perf/phase/worker_group_start+process_group_init+train_fn_launch_seconds"] == 3.0
+    assert fields[STARTUP_KEY] == summary_fields(ALL)[STARTUP_KEY]
+    assert STARTUP_KEY not in summary_fields({"origin": 0.0, "config_checked": 1.0})  # no first step: no total
+
+
+def test_marks_from_clocks_that_disagree_never_give_negative_phases():
+    marks = {**ALL, "worker_group_up": ALL["fit_start"] - 0.5}  # the controller's node clock runs behind
+    fields = summary_fields(marks)
+    values = [v for k, v in fields.items() if k.startswith("perf/phase/")]
+    assert min(values) >= 0
+    assert fields[STARTUP_KEY] == pytest.approx(sum(s for _, s, end in phases(marks)
+                                                    if startup.MARK_NAMES.index(end) <= startup.MARK_NAMES.index("first_step_done")))
+
+
+def test_the_clock_travels_as_plain_data_and_the_driver_completes_the_workers_summary():
+    driver = StartupClock(origin=1000.0)
+    driver.mark("config_checked", at=1001.0)
+    worker = StartupClock.from_dict(json.loads(json.dumps(driver.to_dict())))
+    worker.mark("first_step_done", at=1010.0)
+    worker.mark("first_step_done", at=1011.0, keep_first=True)
+    worker.mark("last_step_done", at=1020.0)
+    summary = {"status": "finished", **worker.summary_fields()}
+    driver.mark("exit", at=1023.5)
+    done = driver.complete(summary)
+    assert done["startup_marks"] == {"origin": 0.0, "config_checked": 1.0, "first_step_done": 10.0,
+                                     "last_step_done": 20.0, "exit": 23.5}
+    assert done[STARTUP_KEY] == 10.0 and done[TEARDOWN_KEY] == 3.5 and done["status"] == "finished"
+    assert done["startup_origin"] == "command"
+    text = startup.format_breakdown(done)
+    assert "first step done 10.0 s after the command" in text and "teardown 3.5 s" in text
+
+
+def test_the_process_start_is_before_now():
+    started = startup.process_start_time()
+    assert started <= time.time() and time.time() - started < 3600
+
+
+# ---------------------------------------------------------------------------------------------
+# One real run, in a process of its own: a fresh embedded Ray, as a user's command starts it.
+
+
+@pytest.mark.ray
+def test_a_healthy_run_reports_its_startup_and_prints_no_resource_request_traceback(tmp_path):
+    from sdf_ray.data.synth import synth_dataset
+
+    data = tmp_path / "data"
+    synth_dataset(data, num_scenes=8, samples_per_scene=512, seed=0)
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    env.pop("TRITON_CACHE_DIR", None)
+    cmd = [sys.executable, "-m", "sdf_ray.cli", "train", "--config", str(packaged_config("tiny")),
+           "--set", f"data.path={data}", "--set", f"checkpoint.storage_path={tmp_path / 'runs'}",
+           "--set", "optim.precision=auto", "--set", "model.compile=auto"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=540, cwd=Path(__file__).parents[1])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    # Ray Train's controller logs to the driver's stderr; a healthy run shows no traceback from it.
+    assert "Failed to send resource request" not in out and "GetTimeoutError" not in out, out[-4000:]
+
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["precision"] == "fp32" and summary["compile"] is False  # auto on a CPU
+    cache = tmp_path / "runs" / ".compile-cache"
+    assert summary["compile_cache"] == {"TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+                                        "TRITON_CACHE_DIR": str(cache / "triton")}  # as the worker saw them
+    marks = summary["startup_marks"]
+    assert set(startup.MARK_NAMES) - set(marks) <= {"data_loaded"}  # until run_training takes on_phase
+    for key in (STARTUP_KEY, startup.FIRST_STEP_KEY, TEARDOWN_KEY):
+        assert summary[key] >= 0, key
+    listed = phases(marks)
+    assert all(seconds >= 0 for _, seconds, _ in listed)
+    first, last = startup.MARK_NAMES.index("first_step_done"), startup.MARK_NAMES.index("last_step_done")
+    assert summary[STARTUP_KEY] == pytest.approx(sum(s for _, s, e in listed if startup.MARK_NAMES.index(e) <= first),
+                                                 abs=1e-3)
+    assert summary[TEARDOWN_KEY] == pytest.approx(sum(s for _, s, e in listed if startup.MARK_NAMES.index(e) > last),
+                                                  abs=1e-3)
+    assert summary[STARTUP_KEY] == pytest.approx(marks["first_step_done"], abs=1e-3)
+    assert summary[STARTUP_KEY] + summary["perf/phase/training_seconds"] + summary[TEARDOWN_KEY] == pytest.approx(
+        marks["exit"], abs=1e-3)
+    assert "device cpu  precision fp32  compile off" in proc.stdout
+    assert "first step done" in proc.stdout and "ray_start" in proc.stdout
