@@ -23,6 +23,7 @@ from sdf_ray import config as config_mod
 from sdf_ray.config import TrainConfig
 from sdf_ray.data.format import PackedScenes
 from sdf_ray.data.sampler import SceneSampler
+from sdf_ray.device_settings import resolve_for_device
 from sdf_ray.dist import LocalCollectives
 from sdf_ray.errors import UserError
 from sdf_ray.loss import sdf_loss
@@ -258,6 +259,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.precision_check < 0:
         raise UserError(f"--precision-check must be a number of steps >= 0, got {args.precision_check}")
     device = _device(args.device)
+    cfg = resolve_for_device(cfg, device)  # auto precision/compile for the device benchmarked
     if args.precision_check:
         result = precision_check(cfg, device, steps=args.precision_check)
         print("precision check, mean L1 of the last 20 of", args.precision_check, "steps on the same batches: "

@@ -22,6 +22,7 @@ from sdf_ray import checkpoint as ckpt
 from sdf_ray.config import InjectConfig, TrainConfig
 from sdf_ray.data.format import PackedScenes, load_scenes, read_manifest
 from sdf_ray.data.sampler import SceneSampler, shard_scene_ids
+from sdf_ray.device_settings import resolve_for_device
 from sdf_ray.dist import Collectives
 from sdf_ray.errors import DataError
 from sdf_ray.guard import StepVerdict, conditional_step, vote_and_clip
@@ -199,6 +200,7 @@ def run_training(cfg: TrainConfig, coll: Collectives, device: torch.device, repo
     ``restarts``: how many times the worker group was restarted before this attempt (for reporting).
     ``on_phase``: called with data_loaded, state_built, first_step_done, last_step_done (the start-up clock).
     """
+    cfg = resolve_for_device(cfg, device)  # auto precision/compile (the worker has resolved them already)
     configure_precision(cfg)
     rank, world = coll.rank, coll.world_size
     say = on_rank0_line if rank == 0 else _silent

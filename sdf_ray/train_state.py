@@ -16,6 +16,7 @@ from torch import nn
 
 from sdf_ray.config import TrainConfig
 from sdf_ray.data.sampler import mix_seed, shard_scene_ids
+from sdf_ray.device_settings import resolve_for_device
 from sdf_ray.dist import Collectives
 from sdf_ray.guard import Escalation, GuardCounters, materialise_adam_state
 from sdf_ray.latents import LatentTable, init_latents
@@ -61,6 +62,7 @@ class TrainState:
 
 def build_state(cfg: TrainConfig, coll: Collectives, device: torch.device, num_scenes_total: int) -> TrainState:
     """Decoder, this rank's latent shard and the optimizer, identically initialised on every rank."""
+    cfg = resolve_for_device(cfg, device)  # auto precision/compile: concrete for this device
     seed = cfg.data.seed
     torch.manual_seed(seed)  # same decoder init on every rank (DDP would broadcast rank 0's anyway)
     decoder_module = DeepSDFDecoder(cfg.model).to(device)

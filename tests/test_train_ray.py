@@ -96,3 +96,25 @@ def test_resume_refuses_a_different_config_and_too_many_workers(ray_session, tin
     code, _ = train(tmp_path, tiny_dataset, "big", "scaling.num_workers=4")
     err = capsys.readouterr().err
     assert code == 2 and "needs 4 CPUs" in err and "the cluster has 1 node(s), 2 CPU(s)" in err
+
+
+def test_validation_in_the_worker_group_reports_on_every_rank(ray_session, tiny_dataset, tmp_path):
+    """2 workers with validation: the held-out scenes are sharded over the ranks and every rank reports the same
+    number of times (Ray Train would hang otherwise); val/* arrive at the validation epochs, and the training
+    trajectory is the one without validation."""
+    from sdf_ray.data.synth import synth_dataset
+
+    held_out = tmp_path / "held_out"
+    synth_dataset(held_out, num_scenes=4, samples_per_scene=512, seed=9, surface_samples_per_scene=300)
+    val = [f"validation.path={held_out}", "validation.every_n_epochs=2", "validation.num_scenes=3",
+           "validation.num_iterations=3", "validation.samples_per_iteration=64", "validation.mesh_resolution=12",
+           "validation.num_metric_points=200"]
+    code, summary = train(tmp_path, tiny_dataset, "val", *val)
+    assert code == 0 and summary["status"] == "finished"
+    code, plain = train(tmp_path, tiny_dataset, "plain")
+    assert code == 0 and plain["replica_checksums"] == summary["replica_checksums"]
+    metrics = read_metrics(tmp_path / "val")
+    validated = [m for m in metrics if "val/sdf_l1" in m]
+    assert [m["train/epoch"] for m in validated] == [2.0, 4.0]
+    assert all(m["val/skipped"] == 0 and math.isfinite(m["val/sdf_l1"]) and "val/chamfer_l2" in m
+               for m in validated)

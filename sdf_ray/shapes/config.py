@@ -124,19 +124,14 @@ def from_dict(data: Any) -> ReconstructConfig:
 
 def from_overrides(overrides: list[str]) -> ReconstructConfig:
     """``["reconstruct.num_iterations=100", ...]`` (``--set``) -> a validated section."""
-    from sdf_ray.config import parse_override
+    from sdf_ray.config_files import parse_overrides
 
     data: dict[str, Any] = {}
     problems: list[str] = []
-    for text in overrides:
-        try:
-            key, value = parse_override(text)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-            continue
+    for key, value in parse_overrides(overrides, problems).items():
         section, _, name = key.partition(".")
         if section != SECTION or not name or "." in name:
-            problems.append(f"`--set {text}`: only `{SECTION}.KEY=VALUE` can be set here")
+            problems.append(f"`--set {key}=...`: only `{SECTION}.KEY=VALUE` can be set here")
             continue
         data[name] = value
     try:
