@@ -118,3 +118,9 @@ def test_trials_are_ranked_by_the_held_out_metric_not_the_training_loss():
 def test_the_packaged_stability_search_ranks_by_held_out_shapes():
     spec = search.load(search.packaged_search("stability"), C.load(C.packaged_config("demo")))
     assert spec.metric == "val/sdf_l1" and spec.collapse.max_grad_norm is not None
+
+
+def test_optuna_cannot_rank_by_a_validation_metric():
+    with pytest.raises(ConfigError, match="optuna needs the metric in every report"):
+        search.from_dict({"space": {"optim.decoder_lr": {"choice": [1e-3]}}, "metric": "val/sdf_l1",
+                          "search_alg": "optuna"}, tiny_config(**{"validation.path": "x"}))

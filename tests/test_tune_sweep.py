@@ -158,3 +158,30 @@ def test_reaper_removes_empty_worker_groups_and_spares_busy_ones_and_trial_bundl
         ray.kill(worker)
         for pg in (busy, trial):
             remove_placement_group(pg)
+
+
+def test_a_sweep_ranks_trials_by_held_out_shapes(ray_session, dataset, tmp_path, capsys):
+    """metric: val/sdf_l1 end to end: reports without it are accepted, ASHA and the outputs use the validation
+    values, and the best trial is the one with the lowest held-out error, not the lowest training loss."""
+    from sdf_ray.data.synth import synth_dataset
+
+    held_out = tmp_path / "held_out"
+    synth_dataset(held_out, num_scenes=2, samples_per_scene=512, seed=5, surface_samples_per_scene=0)
+    search_file = tmp_path / "val.yaml"
+    search_file.write_text("space:\n  optim.decoder_lr: {grid: [1.0e-3, 3.0e-3]}\nmetric: val/sdf_l1\n"
+                           "scheduler: {type: asha, grace_period: 2, reduction_factor: 2}\n")
+    storage = tmp_path / "runs"
+    args = ["tune", "--config", str(C.packaged_config("tiny")), "--search", str(search_file), "--name", "val-sweep"]
+    for key, value in {"data.path": dataset, "checkpoint.storage_path": storage, "scaling.num_workers": 1,
+                       "optim.num_epochs": 4, "validation.path": held_out, "validation.every_n_epochs": 2,
+                       "validation.num_scenes": 2, "validation.num_iterations": 3,
+                       "validation.samples_per_iteration": 64}.items():
+        args += ["--set", f"{key}={value}"]
+    assert main(args) == 0
+    with open(storage / "val-sweep" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
+    values = {r["trial_id"]: float(r["last_val/sdf_l1"]) for r in rows}
+    assert all(0 < v < 1 for v in values.values())
+    summary = json.loads((storage / "val-sweep" / "tune_summary.json").read_text())
+    assert summary["metric"] == "val/sdf_l1" and summary["best_trial_id"] == min(values, key=values.__getitem__)

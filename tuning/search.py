@@ -163,6 +163,10 @@ class SearchSpec:
     def validate(self) -> Iterator[tuple[str, str]]:
         if self.search_alg != "optuna":
             return
+        if self.metric in VALIDATION_METRICS:
+            # OptunaSearch.on_trial_result reads the metric from every report; val/* come only with validation.
+            yield "search_alg", f"optuna needs the metric in every report, and {self.metric} comes only with " \
+                                "validation passes; use search_alg: random"
         if self.has_grid:
             yield "search_alg", "optuna cannot expand grid entries; use choice, or search_alg: random"
         try:

@@ -21,6 +21,7 @@ throughput (all trials' samples over its wall time) and the trials' mean start-u
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -96,6 +97,11 @@ def _make_tuner(cfg: config_mod.TrainConfig, spec: SearchSpec, name: str, sweep_
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     trainable = _trainable(cfg, spec, directory)
+    if spec.needs_validation:
+        # val/* come only with validation passes; Tune's controller otherwise rejects every other report for
+        # lacking the metric. ASHA skips reports without it and records a rung at the next one that has it
+        # (AsyncHyperBandScheduler.on_trial_result), so its decisions use fresh held-out values only.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     scheduler: Any
     if spec.scheduler.type == "asha":
         assert sweep_plan.max_t is not None
