@@ -80,6 +80,7 @@ def precision_check(cfg: TrainConfig, device: torch.device, *, steps: int, num_s
                     tail: int = 20) -> dict[str, float]:
     """Train fp32 eager and ``cfg``'s precision/compile from the same init on the same batches; return the
     mean L1 over the last ``tail`` steps of each, and their relative difference."""
+    cfg = resolve_for_device(cfg, device)  # auto precision/compile: what would run on this device
     packed = synthetic_scenes(num_scenes, STORED_SAMPLES_PER_SCENE)
     reference = config_mod.replace(config_mod.replace(cfg, "optim.precision", "fp32"), "model.compile", False)
     fast_name = cfg.optim.precision + ("+compile" if cfg.model.compile else "")

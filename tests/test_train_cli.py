@@ -117,8 +117,9 @@ def test_the_compile_cache_goes_under_the_storage_path_and_a_set_variable_wins(m
     from sdf_ray.launch import compile_cache_dir
     from sdf_ray.worker import COMPILE_CACHE_ENV, use_compile_cache
 
-    for name in COMPILE_CACHE_ENV:
-        monkeypatch.delenv(name, raising=False)
+    for name in COMPILE_CACHE_ENV:  # setenv first: monkeypatch then restores the variable's absence afterwards
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     cache = compile_cache_dir(str(tmp_path))
     assert cache == str(tmp_path / ".compile-cache")
     assert use_compile_cache(cache) == {"TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor",
