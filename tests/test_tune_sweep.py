@@ -180,7 +180,9 @@ def test_a_sweep_ranks_trials_by_held_out_shapes(ray_session, dataset, tmp_path,
     assert main(args) == 0
     with open(storage / "val-sweep" / "trials.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
+    # ASHA may stop the worse trial at its first validated rung (grace_period 2 reports): it did, on its metric.
+    assert len(rows) == 2 and {r["status"] for r in rows} <= {"finished", "pruned_asha"}
+    assert any(r["status"] == "finished" for r in rows)
     values = {r["trial_id"]: float(r["last_val/sdf_l1"]) for r in rows}
     assert all(0 < v < 1 for v in values.values())
     summary = json.loads((storage / "val-sweep" / "tune_summary.json").read_text())
