@@ -10,9 +10,10 @@ import shutil
 import numpy as np
 import pytest
 
+from sdf_ray.data.format import to_original
 from sdf_ray.errors import ConfigError, DataError, UserError
 from sdf_ray.shapes.config import ReconstructConfig, from_overrides
-from sdf_ray.shapes.meshing import read_mesh, to_original_frame
+from sdf_ray.shapes.meshing import read_mesh
 from sdf_ray.shapes.outputs import CSV_COLUMNS, SceneInfo, check_job, metrics_csv, read_result, summarise
 from sdf_ray.shapes.trained_run import load_trained_run
 from sdf_ray.shapes.work import Job, ShapeWorker, evaluate_mesh_file, finish_shape
@@ -129,7 +130,7 @@ def test_finish_writes_meshes_in_both_frames_metrics_and_the_record_last(worked)
         assert np.isfinite(row["chamfer_l2"]) and np.isfinite(row["sdf_l1"]) and 0 <= row["fscore"] <= 1
         mesh = read_mesh(out / "meshes" / f"{scene.name}.ply")
         original = read_mesh(out / "meshes_original" / f"{scene.name}.ply")
-        np.testing.assert_allclose(original.verts_V3, to_original_frame(mesh.verts_V3, scene.normalization),
+        np.testing.assert_allclose(original.verts_V3, to_original(mesh.verts_V3.astype(np.float64), scene.normalization),
                                    rtol=1e-6, atol=1e-6)
         assert read_result(out, scene.name) == json.loads(json.dumps(row))
         assert len(row["code"]) == 8

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from sdf_ray.data.format import to_normalized, to_original
 from sdf_ray.data.synth import synth_shape
 from sdf_ray.shapes.decode import _fine_points, _refine_blocks, decode_sparse_grids
 from sdf_ray.shapes.meshing import (
@@ -18,8 +19,6 @@ from sdf_ray.shapes.meshing import (
     fine_points,
     read_mesh,
     refine_blocks,
-    to_normalized_frame,
-    to_original_frame,
     write_ply,
 )
 
@@ -125,8 +124,8 @@ def test_sphere_mesh_is_outward_facing_in_place_and_round_trips(tmp_path):
 def test_frames_are_inverse_of_the_deepsdf_normalisation():
     norm = {"offset": [0.5, -1.0, 2.0], "scale": 0.25}
     p = np.random.default_rng(0).normal(size=(10, 3))
-    np.testing.assert_allclose(to_normalized_frame(p, norm), (p + norm["offset"]) * 0.25)
-    np.testing.assert_allclose(to_original_frame(to_normalized_frame(p, norm), norm), p)
+    np.testing.assert_allclose(to_normalized(p, norm), (p + norm["offset"]) * 0.25)
+    np.testing.assert_allclose(to_original(to_normalized(p, norm), norm), p)
 
 
 def test_assemble_marks_cells_where_marching_cubes_reads_them():

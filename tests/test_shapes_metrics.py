@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdf_ray.shapes.meshing import Mesh, to_normalized_frame
+from sdf_ray.data.format import to_normalized
+from sdf_ray.shapes.meshing import Mesh
 from sdf_ray.shapes.metrics import chamfer_l2, mesh_metrics, point_metrics, sample_mesh
 
 
@@ -78,7 +79,7 @@ def test_distances_are_measured_in_the_ground_truth_frame_and_tau_in_the_normali
     d = 0.02
     gt_normalised, gt_n = sphere_points(0.5 + d, 30_000, seed=3)
     gt_original = gt_normalised / norm["scale"] - np.asarray(norm["offset"])
-    np.testing.assert_allclose(to_normalized_frame(gt_original, norm), gt_normalised, atol=1e-12)
+    np.testing.assert_allclose(to_normalized(gt_original, norm), gt_normalised, atol=1e-12)
     m = mesh_metrics(icosphere(0.5, 6), gt_original, gt_n, norm, num_points=30_000, tau_normalized=2 * d)
     assert m.chamfer_l2 == pytest.approx(expected_chamfer(0.5, d, 30_000)[0] / norm["scale"] ** 2, rel=0.02)
     assert m.fscore == 1.0  # 2d in the normalised frame is 2d / scale in the original one

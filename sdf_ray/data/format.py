@@ -36,12 +36,19 @@ from sdf_ray.data.manifest import (
     to_normalized,
     to_original,
 )
-from sdf_ray.data.read import PackedScenes, SurfaceSamples, load_scenes, load_surface, validate_files
+from sdf_ray.data.read import (
+    PackedScenes,
+    SurfaceSamples,
+    load_scene_rows,
+    load_scenes,
+    load_surface,
+    validate_files,
+)
 from sdf_ray.data.write import DEFAULT_MAX_ROWS_PER_FILE, SceneSamples, write_dataset
 
 __all__ = [
     "COLUMNS", "DEFAULT_MAX_ROWS_PER_FILE", "FORMAT", "FORMAT_VERSION", "IDENTITY_NORMALIZATION", "MANIFEST_NAME",
     "SCHEMA", "SURFACE_COLUMNS", "SURFACE_SCHEMA", "FileEntry", "Manifest", "PackedScenes", "SceneEntry",
-    "SceneSamples", "SurfaceSamples", "load_scenes", "load_surface", "read_manifest", "to_normalized",
+    "SceneSamples", "SurfaceSamples", "load_scene_rows", "load_scenes", "load_surface", "read_manifest", "to_normalized",
     "to_original", "validate_files", "write_dataset",
 ]

@@ -158,22 +158,13 @@ def _by_file(files: Sequence[str]) -> dict[str, list[int]]:
 # SDF samples
 
 
-def load_scenes(path: str | Path, scene_ids: Sequence[int], *, manifest: Manifest | None = None) -> PackedScenes:
-    """Read only the row groups holding ``scene_ids`` and pack them, in the order given.
-
-    Each scene's rows are checked against the manifest: the ``scene`` column must hold the scene's id and
-    the first ``num_pos`` rows must have ``sdf > 0``, the rest ``sdf <= 0``.
-    """
-    d = dataset_dir(path)
-    if manifest is None:
-        manifest = read_manifest(d)
-    ids = np.asarray(scene_ids, dtype=np.int64).reshape(-1)
+def _read_scene_rows(d: Path, manifest: Manifest, ids: np.ndarray,
+                     ) -> tuple[list[SceneEntry], np.ndarray, np.ndarray, np.ndarray]:
+    """The rows of the scenes ``ids``, packed in that order: (entries, samples ``[M, 4]``, each scene's first row,
+    each scene's row count). Only their row groups are read; the ``scene`` column must hold each scene's id."""
     _check_ids(ids, manifest, d)
-
     entries = [manifest.scenes[int(i)] for i in ids]
-    pos_count = np.array([e.num_pos for e in entries], dtype=np.int64)
-    neg_count = np.array([e.num_neg for e in entries], dtype=np.int64)
-    totals = pos_count + neg_count
+    totals = np.array([e.num_pos + e.num_neg for e in entries], dtype=np.int64)
     starts = np.zeros(len(entries), dtype=np.int64)
     if len(entries):
         starts[1:] = np.cumsum(totals)[:-1]
@@ -194,6 +185,39 @@ def load_scenes(path: str | Path, scene_ids: Sequence[int], *, manifest: Manifes
         del cols
 
     expected_scene = np.repeat(ids.astype(np.int32), totals)
+    scene_ok = np.asarray(scene_col == expected_scene)
+    if not scene_ok.all():
+        j = int(np.searchsorted(np.cumsum(totals), int(np.flatnonzero(~scene_ok)[0]), side="right"))
+        raise DataError(f"scene column mismatch in {entries[j].file} ({d}): rows of scene {int(ids[j])} "
+                        f"({entries[j].name}) hold another scene's id")
+    return entries, samples, starts, totals
+
+
+def load_scene_rows(path: str | Path, scene_ids: Sequence[int], *, manifest: Manifest | None = None,
+                    ) -> list[np.ndarray]:
+    """Each scene's rows ``(x, y, z, sdf)`` as stored, in the order given, without the finiteness and sign
+    checks of :func:`load_scenes` (reconstruction reads held-out data other tools wrote, and cleans it itself)."""
+    d = dataset_dir(path)
+    if manifest is None:
+        manifest = read_manifest(d)
+    ids = np.asarray(scene_ids, dtype=np.int64).reshape(-1)
+    _, samples, starts, totals = _read_scene_rows(d, manifest, ids)
+    return [samples[a:a + n] for a, n in zip(starts.tolist(), totals.tolist(), strict=True)]
+
+
+def load_scenes(path: str | Path, scene_ids: Sequence[int], *, manifest: Manifest | None = None) -> PackedScenes:
+    """Read only the row groups holding ``scene_ids`` and pack them, in the order given.
+
+    Each scene's rows are checked against the manifest: the ``scene`` column must hold the scene's id and
+    the first ``num_pos`` rows must have ``sdf > 0``, the rest ``sdf <= 0``.
+    """
+    d = dataset_dir(path)
+    if manifest is None:
+        manifest = read_manifest(d)
+    ids = np.asarray(scene_ids, dtype=np.int64).reshape(-1)
+    entries, samples, starts, totals = _read_scene_rows(d, manifest, ids)
+    pos_count = np.array([e.num_pos for e in entries], dtype=np.int64)
+    neg_count = np.array([e.num_neg for e in entries], dtype=np.int64)
     row_ends = np.cumsum(totals)
 
     def first_bad(ok_rows: np.ndarray) -> tuple[int, SceneEntry]:
@@ -201,11 +225,6 @@ def load_scenes(path: str | Path, scene_ids: Sequence[int], *, manifest: Manifes
         j = int(np.searchsorted(row_ends, int(np.flatnonzero(~ok_rows)[0]), side="right"))
         return int(ids[j]), entries[j]
 
-    scene_ok = np.asarray(scene_col == expected_scene)
-    if not scene_ok.all():
-        sid, bad = first_bad(scene_ok)
-        raise DataError(f"scene column mismatch in {bad.file} ({d}): rows of scene {sid} ({bad.name}) "
-                        f"hold another scene's id")
     finite = np.asarray(np.isfinite(samples).all(axis=1))
     if not finite.all():
         sid, bad = first_bad(finite)

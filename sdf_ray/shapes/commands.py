@@ -106,12 +106,10 @@ def select_scenes(manifest: Any, names: Sequence[str] | None) -> list[int]:
 
 
 def scene_infos(manifest: Any, ids: Sequence[int]) -> list[Any]:
-    from sdf_ray.shapes import ground_truth
     from sdf_ray.shapes.outputs import SceneInfo
 
-    has_gt = ground_truth.supported()
     return [SceneInfo(i, manifest.scenes[i].name, dict(manifest.scenes[i].normalization),
-                      has_gt and ground_truth.num_surface(manifest, i) > 0) for i in ids]
+                      manifest.scenes[i].has_ground_truth) for i in ids]
 
 
 def _job_record(command: str, cfg: Any, **fields: Any) -> dict[str, Any]:
@@ -125,9 +123,10 @@ def _contact_sheet(out_dir: Path, rows: Sequence[dict[str, Any]], data_path: str
                    max_entries: int = 16) -> Path | None:
     """``DIR/reconstructions.png``: up to ``max_entries`` shapes (evenly spread in name order) rendered next to
     their ground truth, in the normalised frame (``sdf_ray.plots.contact_sheet``)."""
+    from sdf_ray.data.format import to_normalized
     from sdf_ray.plots import SheetEntry, contact_sheet
     from sdf_ray.shapes.ground_truth import load_ground_truth
-    from sdf_ray.shapes.meshing import read_mesh, to_normalized_frame
+    from sdf_ray.shapes.meshing import read_mesh
     from sdf_ray.shapes.outputs import PICTURE_FILE
 
     ordered = sorted(rows, key=lambda r: r["scene"])
@@ -143,7 +142,7 @@ def _contact_sheet(out_dir: Path, rows: Sequence[dict[str, Any]], data_path: str
                 verts, faces = mesh.verts_V3, mesh.faces_F3
             if data_path and row.get("has_ground_truth"):
                 gt = load_ground_truth(data_path, int(row["scene_id"]), {"offset": [0, 0, 0], "scale": 1.0})
-                gt_points = None if gt is None else to_normalized_frame(gt.points_M3, gt.normalization)
+                gt_points = None if gt is None else to_normalized(gt.points_M3, gt.normalization)
             chamfer = row.get("chamfer_l2")
             status = row.get("status", "")
             entries.append(SheetEntry(name=row["scene"], vertices=verts, faces=faces, gt_points=gt_points,

@@ -26,16 +26,6 @@ class GroundTruth:
     normalization: dict[str, Any]
 
 
-def supported() -> bool:
-    """Whether this sdf-ray's dataset format carries ground truth (it does since format version 2)."""
-    return True
-
-
-def num_surface(manifest: Manifest, scene_id: int) -> int:
-    """Ground-truth points the manifest lists for a scene (0: none)."""
-    return int(getattr(manifest.scenes[scene_id], "num_surface", 0) or 0)
-
-
 @functools.lru_cache(maxsize=4)
 def _manifest(path: str, mtime_ns: int) -> Manifest:
     return read_manifest(path)
@@ -52,7 +42,7 @@ def load_ground_truth(data_path: str | Path, scene_id: int, fallback_normalizati
                       ) -> GroundTruth | None:
     """The scene's ground truth, or None when the dataset has none for it."""
     manifest = _cached_manifest(data_path)
-    if num_surface(manifest, scene_id) == 0:
+    if not manifest.scenes[scene_id].has_ground_truth:
         return None
     surface = load_surface(data_path, [scene_id], manifest=manifest).get(scene_id)
     if surface is None or len(surface.points_M3) == 0:

@@ -210,18 +210,6 @@ def extract_mesh(grid: SparseGrid) -> MeshResult:
     return MeshResult("ok", Mesh((verts - 1.0).astype(np.float32), faces.astype(np.int32)))
 
 
-def to_original_frame(verts_V3: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
-    """Normalised -> original: the inverse of ``normalized = (p + offset) * scale``."""
-    offset = np.asarray(normalization["offset"], dtype=np.float64).reshape(1, 3)
-    return (np.asarray(verts_V3, dtype=np.float64) / float(normalization["scale"]) - offset)
-
-
-def to_normalized_frame(points_N3: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
-    """Original -> normalised: ``(p + offset) * scale``."""
-    offset = np.asarray(normalization["offset"], dtype=np.float64).reshape(1, 3)
-    return (np.asarray(points_N3, dtype=np.float64) + offset) * float(normalization["scale"])
-
-
 def ply_bytes(verts_V3: np.ndarray, faces_F3: np.ndarray) -> bytes:
     """A binary little-endian PLY (trimesh), vertices as float32."""
     import trimesh

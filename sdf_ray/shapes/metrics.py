@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
-from sdf_ray.shapes.meshing import Mesh, to_original_frame
+from sdf_ray.data.format import to_original
+from sdf_ray.shapes.meshing import Mesh
 
 METRIC_NAMES = ("chamfer_l2", "chamfer_l1", "normal_consistency", "fscore")
 
@@ -92,6 +93,6 @@ def mesh_metrics(mesh_normalized: Mesh, gt_points: np.ndarray, gt_normals: np.nd
                  seed: int = 0) -> SurfaceMetrics:
     """Metrics of a mesh in the NORMALISED frame against ground truth in the ORIGINAL frame (module docstring)."""
     points, normals = sample_mesh(mesh_normalized, num_points, seed)
-    points_orig = to_original_frame(points, normalization)
+    points_orig = to_original(points, normalization)  # float64 points: float64 distances
     tau_orig = tau_normalized / float(normalization["scale"])
     return point_metrics(points_orig, gt_points, tau_orig, normals, gt_normals)

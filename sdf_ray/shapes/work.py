@@ -18,8 +18,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from sdf_ray.data.format import to_normalized, to_original
 from sdf_ray.shapes.config import ReconstructConfig
-from sdf_ray.shapes.meshing import GridSpec, Mesh, SparseGrid, extract_mesh, read_mesh, to_original_frame, write_ply
+from sdf_ray.shapes.meshing import GridSpec, Mesh, SparseGrid, extract_mesh, read_mesh, write_ply
 from sdf_ray.shapes.outputs import SceneInfo, is_identity, mesh_path, write_result
 
 Mode = Literal["reconstruct", "mesh"]
@@ -171,7 +172,7 @@ def finish_shape(out: ShapeOutput, job: Job, scene: SceneInfo) -> dict[str, Any]
             write_ply(path, mesh.verts_V3, mesh.faces_F3)
             if job.cfg.write_original_frame and not is_identity(scene.normalization):
                 write_ply(mesh_path(out_dir, scene.name, original=True),
-                          to_original_frame(mesh.verts_V3, scene.normalization), mesh.faces_F3)
+                          to_original(mesh.verts_V3.astype(np.float64), scene.normalization), mesh.faces_F3)
             row = _row(scene, "ok", mesh=str(path.relative_to(out_dir)), **common,
                        **_metrics(mesh, scene, job.data_path, job.cfg))
     row["seconds"] = out.seconds + (time.perf_counter() - t0)
@@ -182,8 +183,6 @@ def finish_shape(out: ShapeOutput, job: Job, scene: SceneInfo) -> dict[str, Any]
 def evaluate_mesh_file(path: str, scene: SceneInfo, data_path: str, cfg: ReconstructConfig,
                        frame: Literal["normalized", "original"]) -> dict[str, Any]:
     """Metrics of a mesh made elsewhere (in the normalised frame unless ``frame`` says original)."""
-    from sdf_ray.shapes.meshing import to_normalized_frame
-
     t0 = time.perf_counter()
     try:
         mesh = read_mesh(path)
@@ -192,7 +191,7 @@ def evaluate_mesh_file(path: str, scene: SceneInfo, data_path: str, cfg: Reconst
     if len(mesh.faces_F3) == 0:
         return _row(scene, "empty", f"{path} has no faces", seconds=time.perf_counter() - t0)
     if frame == "original":
-        mesh = Mesh(to_normalized_frame(mesh.verts_V3, scene.normalization), mesh.faces_F3)
+        mesh = Mesh(to_normalized(mesh.verts_V3.astype(np.float64), scene.normalization), mesh.faces_F3)
     row = _row(scene, "ok", mesh=path, **_metrics(mesh, scene, data_path, cfg))
     row["seconds"] = time.perf_counter() - t0
     return row
