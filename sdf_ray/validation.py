@@ -32,7 +32,7 @@ from sdf_ray.config import TrainConfig, ValidationConfig
 from sdf_ray.data.format import read_manifest
 from sdf_ray.data.sampler import shard_scene_ids
 from sdf_ray.dist import Collectives
-from sdf_ray.errors import DataError, first_line
+from sdf_ray.errors import first_line
 from sdf_ray.shapes.config import ReconstructConfig
 from sdf_ray.shapes.decode import decode_sparse_grids
 from sdf_ray.shapes.ground_truth import GroundTruth, load_ground_truth
@@ -173,11 +173,3 @@ class Validator:
                              num_points=s.num_metric_points, seed=s.metric_seed)
             local["chamfer_l2"] += m.chamfer_l2
             local["chamfer_shapes"] += 1
-
-
-def check_validation_data(cfg: TrainConfig) -> int:
-    """Driver-side check of the held-out dataset (one clear line when unusable); returns its scene count."""
-    manifest = read_manifest(cfg.validation.path)
-    if manifest.num_scenes == 0:
-        raise DataError(f"validation.path {cfg.validation.path}: the dataset has no scenes")
-    return manifest.num_scenes
