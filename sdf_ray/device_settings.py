@@ -4,16 +4,20 @@
 later) and fp32 elsewhere; ``model.compile: auto`` compiles on CUDA devices that Triton supports (compute
 capability 7.0+) and not on CPUs. Explicit settings are kept as they are. The worker resolves them once it knows
 its device (the driver may have no GPU, or another one), trains with the resolved config and reports the
-resolved values in ``summary.json``.
+resolved values in ``summary.json``. The ``reconstruct`` section's ``precision`` and ``compile`` follow the same
+rules, resolved by each optimiser actor for its device.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import torch
 
 from sdf_ray.config import TrainConfig
+from sdf_ray.shapes.config import Precision, ReconstructConfig
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -23,17 +27,31 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return (int(major), int(minor))
 
 
+def resolve_precision(precision: Precision, device: torch.device) -> Precision:
+    """``auto``: bf16 on CUDA devices with native bf16 (compute capability 8.0+), fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if _capability(device) >= (8, 0) else "fp32"
+
+
+def resolve_compile(compile_: bool | str, device: torch.device) -> bool:
+    """``auto``: compile on CUDA devices that Triton supports (compute capability 7.0+), not on CPUs."""
+    if compile_ == "auto":
+        return _capability(device) >= (7, 0)
+    return bool(compile_)
+
+
 def resolve_for_device(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     """``cfg`` with ``optim.precision`` and ``model.compile`` concrete for ``device`` (``auto`` resolved)."""
-    capability = _capability(device)
-    precision = cfg.optim.precision
-    if precision == "auto":
-        precision = "bf16" if capability >= (8, 0) else "fp32"
-    compile_ = cfg.model.compile
-    if compile_ == "auto":
-        compile_ = capability >= (7, 0)
-    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, precision=precision),
-                               model=dataclasses.replace(cfg.model, compile=compile_))
+    return dataclasses.replace(
+        cfg, optim=dataclasses.replace(cfg.optim, precision=resolve_precision(cfg.optim.precision, device)),
+        model=dataclasses.replace(cfg.model, compile=resolve_compile(cfg.model.compile, device)))
+
+
+def resolve_reconstruct_for_device(cfg: ReconstructConfig, device: torch.device) -> ReconstructConfig:
+    """The ``reconstruct`` section with ``precision`` and ``compile`` concrete for ``device``, same rules."""
+    return dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device),
+                               compile=resolve_compile(cfg.compile, device))
 
 
 def describe(cfg: TrainConfig, resolved: TrainConfig) -> str:
@@ -44,3 +62,15 @@ def describe(cfg: TrainConfig, resolved: TrainConfig) -> str:
 
     return (f"precision {resolved.optim.precision}{note(cfg.optim.precision)}, "
             f"compile {'on' if resolved.model.compile else 'off'}{note(cfg.model.compile)}")
+
+
+COMPILE_CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+def use_compile_cache(cache_dir: str) -> dict[str, str]:
+    """Point torch.compile's caches (inductor's, and Triton's kernels) at ``cache_dir``, shared by every run and
+    sweep trial under one storage path; a variable already set (by the user, or the job's runtime env) wins.
+    Set before anything compiles: both read their variable when they first need the directory."""
+    for name, sub in zip(COMPILE_CACHE_ENV, ("inductor", "triton")):
+        os.environ.setdefault(name, str(Path(cache_dir) / sub))
+    return {name: os.environ[name] for name in COMPILE_CACHE_ENV}

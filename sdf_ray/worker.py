@@ -9,7 +9,6 @@ the resolved settings and the start-up marks (``sdf_ray.startup``).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ import torch
 
 from sdf_ray import checkpoint as ckpt
 from sdf_ray.config import TrainConfig, from_dict, to_yaml
-from sdf_ray.device_settings import describe, resolve_for_device
+from sdf_ray.device_settings import describe, resolve_for_device, use_compile_cache
 from sdf_ray.dist import default_collectives
 from sdf_ray.fsutil import write_json_atomic, write_text_atomic
 from sdf_ray.ray_session import quiet_train_report_log
@@ -32,7 +31,6 @@ from sdf_ray.train_loop import run_training
 
 log = logging.getLogger("sdf_ray")
 
-COMPILE_CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 def count_worker_group_start(run_dir: Path) -> int:
@@ -54,15 +52,6 @@ def _setup_logging(level: str, rank: int) -> None:
         handler._sdf_ray = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
-
-
-def use_compile_cache(cache_dir: str) -> dict[str, str]:
-    """Point torch.compile's caches (inductor's, and Triton's kernels) at ``cache_dir``, shared by every run and
-    sweep trial under one storage path; a variable already set (by the user, or the job's runtime env) wins.
-    Set before anything compiles: both read their variable when they first need the directory."""
-    for name, sub in zip(COMPILE_CACHE_ENV, ("inductor", "triton")):
-        os.environ.setdefault(name, str(Path(cache_dir) / sub))
-    return {name: os.environ[name] for name in COMPILE_CACHE_ENV}
 
 
 class _Timeline:

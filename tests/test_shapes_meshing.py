@@ -83,6 +83,34 @@ def test_device_decoding_of_several_codes_equals_cpu_decoding():
         assert a is not None and b is not None and a.faces_F3.shape == b.faces_F3.shape
 
 
+class ShapeRecorder(SphereCodes):
+    """SphereCodes that records the input shapes it is called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+
+    def forward(self, latent: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
+        self.seen.add((tuple(latent.shape), tuple(xyz.shape)))
+        return super().forward(latent, xyz)
+
+
+def test_static_batch_decoding_pads_to_two_input_shapes_and_changes_no_value():
+    """What a compiled decoder gets (static_batch): padded codes and chunks, the same grids as unpadded."""
+    spec = GridSpec(40, 4, 2.0)
+    recorder = ShapeRecorder()
+    for codes in (torch.tensor([[0.3, 0.0], [0.6, 0.0]]), torch.tensor([[0.45, 0.0]])):  # two batch sizes
+        padded = decode_sparse_grids(recorder, codes, spec, "fp32", points_per_forward=5000, static_batch=4)
+        plain = decode_sparse_grids(SphereCodes(), codes, spec, "fp32", points_per_forward=5000)
+        assert len(padded) == len(plain) == len(codes)
+        for a, b in zip(padded, plain):
+            np.testing.assert_array_equal(a.block_mask, b.block_mask)
+            np.testing.assert_allclose(a.coarse_values, b.coarse_values, atol=1e-6)
+            np.testing.assert_allclose(a.fine_values, b.fine_values, atol=1e-6)  # chunking: rounding only
+    # the coarse pass on 4 codes x 1,250-point chunks, the fine pass on 1 code x 1,250-point chunks (5000 // 4)
+    assert recorder.seen == {((4, 1, 2), (1, 1250, 3)), ((1, 1, 2), (1, 1250, 3))}
+
+
 @pytest.mark.parametrize("value", [0.3, -0.3])
 def test_an_sdf_that_never_crosses_zero_is_empty(value):
     for stride in (1, 4):

@@ -68,6 +68,37 @@ def test_batched_equals_one_at_a_time():
     assert not torch.allclose(batched[0].code, batched[1].code)
 
 
+def test_padding_the_batch_changes_no_shape_and_holds_the_batch_shape():
+    """``pad_to`` (a compiled decoder's single batch shape) adds rows that repeat shape 0 and are dropped."""
+    decoder = freeze(tiny_decoder())
+    sizes: set[int] = set()
+
+    class Recorder(nn.Module):
+        def forward(self, latent, xyz):
+            sizes.add(latent.shape[0])
+            return decoder(latent, xyz)
+
+    s = shapes()
+    plain = run(decoder, s)
+    padded = reconstruct_codes(Recorder(), SampleBank.build(s, "cpu"), CFG, 0.5, L, pad_to=5)
+    assert sizes == {5} and len(padded) == 3
+    for a, b in zip(padded, plain):
+        assert a.status == b.status == "ok" and a.iterations == b.iterations and a.attempts == b.attempts
+        torch.testing.assert_close(a.code, b.code, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_precision_and_compile_are_fp32_eager_on_cpu():
+    from sdf_ray.device_settings import resolve_reconstruct_for_device
+
+    cfg = ReconstructConfig()
+    assert (cfg.precision, cfg.compile) == ("auto", "auto")
+    resolved = resolve_reconstruct_for_device(cfg, torch.device("cpu"))
+    assert (resolved.precision, resolved.compile) == ("fp32", False)
+    explicit = resolve_reconstruct_for_device(dataclasses.replace(cfg, precision="bf16", compile=True),
+                                              torch.device("cpu"))
+    assert (explicit.precision, explicit.compile) == ("bf16", True)
+
+
 class SphereFamily(nn.Module):
     """An analytic 'decoder': f(z, x) = |x| - z_0, so the optimal code's first entry is the radius."""
 

@@ -114,8 +114,8 @@ def test_compile_accepts_auto_and_booleans_only():
 
 
 def test_the_compile_cache_goes_under_the_storage_path_and_a_set_variable_wins(monkeypatch, tmp_path):
+    from sdf_ray.device_settings import COMPILE_CACHE_ENV, use_compile_cache
     from sdf_ray.launch import compile_cache_dir
-    from sdf_ray.worker import COMPILE_CACHE_ENV, use_compile_cache
 
     for name in COMPILE_CACHE_ENV:  # setenv first: monkeypatch then restores the variable's absence afterwards
         monkeypatch.setenv(name, "unset")

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from sdf_ray import config as config_mod
+from sdf_ray.device_settings import resolve_precision
 from sdf_ray.model import DeepSDFDecoder
 from sdf_ray.shapes.config import ReconstructConfig
 from sdf_ray.shapes.decode import decode_shared
-from sdf_ray.shapes.meshing import GridSpec, decode_grid, extract_mesh
+from sdf_ray.shapes.meshing import GridSpec, coarse_points, decode_grid, extract_mesh
 from sdf_ray.shapes.reconstruct import SampleBank, freeze, reconstruct_codes
 from sdf_ray.shapes.samples import ShapeSamples
 
@@ -40,12 +41,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iterations", type=int, default=800)
     p.add_argument("--samples", type=int, default=8000)
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "tf32", "bf16"),
+                   help="auto: bf16 on GPUs with native bf16, else fp32")
     p.add_argument("--mesh-shapes", type=int, default=4, help="analytic shapes for the decode and mesh stages")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder for the optimisation")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder (optimisation and decoding)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    args.precision = resolve_precision(args.precision, device)
     cfg = dataclasses.replace(ReconstructConfig(), num_iterations=args.iterations, samples_per_iteration=args.samples,
                               precision=args.precision, mesh_resolution=args.resolution)
     decoder = freeze(DeepSDFDecoder(config_mod.TrainConfig().model).to(device))
@@ -55,20 +60,21 @@ def main(argv: list[str] | None = None) -> None:
         rows = rng.uniform(-1, 1, size=(250_000, 4)).astype(np.float32)
         shapes.append(ShapeSamples(i, rows[rows[:, 3] > 0], rows[rows[:, 3] <= 0]))
     bank = SampleBank.build(shapes, device)
-    optimised: Any = torch.compile(decoder) if args.compile else decoder
+    optimised: Any = torch.compile(decoder, mode=args.compile_mode, dynamic=False) if args.compile else decoder
+    static_batch = args.shapes if args.compile else 0  # as the actors do (sdf_ray.shapes.work)
     warm = dataclasses.replace(cfg, num_iterations=3)
     t0 = time.perf_counter()
-    reconstruct_codes(optimised, bank, warm, 0.1, 256)
+    reconstruct_codes(optimised, bank, warm, 0.1, 256, static_batch)
     _sync(device)
     print(f"warm-up (3 iterations{', compiling' if args.compile else ''}): {time.perf_counter() - t0:.1f} s")
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    codes = reconstruct_codes(optimised, bank, cfg, 0.1, 256)
+    codes = reconstruct_codes(optimised, bank, cfg, 0.1, 256, static_batch)
     _sync(device)
     t_opt = time.perf_counter() - t0
-    print(f"optimise: {args.shapes} shapes x {args.iterations} it x {args.samples} samples ({args.precision}{', compiled' if args.compile else ''}) "
+    print(f"optimise: {args.shapes} shapes x {args.iterations} it x {args.samples} samples ({args.precision}{f', compiled {args.compile_mode}' if args.compile else ''}) "
           f"{t_opt:.2f} s = {t_opt / args.shapes:.4f} s/shape, {args.shapes / t_opt:.1f} shapes/s", flush=True)
 
     from sdf_ray.data.synth import synth_shape
@@ -83,18 +89,31 @@ def main(argv: list[str] | None = None) -> None:
         t_mesh += time.perf_counter() - t1
         assert result.status == "ok"
     points = int(np.mean(counts))
-    code = torch.stack([c.code for c in codes[:1]]).to(device)
-    xyz = torch.rand(points, 3, device=device) * 2 - 1
-    decode_shared(decoder, code, xyz[:1024], cfg.precision, cfg.points_per_forward)
-    _sync(device)
-    t1 = time.perf_counter()
-    reps = 3
-    for _ in range(reps):
-        decode_shared(decoder, code, xyz, cfg.precision, cfg.points_per_forward)
-    _sync(device)
-    t_dec = (time.perf_counter() - t1) / reps
-    print(f"decode: {points:,} points/shape at N={spec.resolution} (dense {spec.resolution ** 3:,}): "
-          f"{t_dec:.4f} s/shape, {1 / t_dec:.1f} shapes/s", flush=True)
+    pad = static_batch > 0
+    fine_chunk = max(1024, cfg.points_per_forward // 4) if pad else cfg.points_per_forward
+    all_codes = torch.stack([c.code for c in codes]).to(device)
+    coarse_xyz = torch.from_numpy(coarse_points(spec)).to(device)
+    xyz = torch.rand(points - len(coarse_xyz), 3, device=device) * 2 - 1
+    # As the actors decode: the coarse grids of all shapes in shared forwards, then each shape's fine points
+    # (timed on 8 shapes). The first round compiles.
+    fine_shapes = min(8, len(all_codes))
+    for _ in range(2):
+        t1 = time.perf_counter()
+        decode_shared(optimised, all_codes, coarse_xyz, cfg.precision, cfg.points_per_forward, pad)
+        _sync(device)
+        t2 = time.perf_counter()
+        for code in all_codes[:fine_shapes]:
+            decode_shared(optimised, code[None], xyz, cfg.precision, fine_chunk, pad)
+        _sync(device)
+        t3 = time.perf_counter()
+    t_coarse = (t2 - t1) / len(all_codes)
+    t_fine = (t3 - t2) / fine_shapes
+    t_dec = t_coarse + t_fine
+    print(f"decode: {points:,} points/shape at N={spec.resolution} (dense {spec.resolution ** 3:,}; coarse "
+          f"{len(coarse_xyz):,}): {t_dec:.4f} s/shape (coarse {t_coarse:.4f}, fine {t_fine:.4f}), "
+          f"{1 / t_dec:.1f} shapes/s", flush=True)
+    print(f"device total: {t_opt / args.shapes + t_dec:.4f} s/shape, "
+          f"{1 / (t_opt / args.shapes + t_dec):.2f} shapes/s", flush=True)
     print(f"mesh (CPU, 1 core): {t_mesh / args.mesh_shapes:.3f} s/shape", flush=True)
     if device.type == "cuda":
         print(f"peak device memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB", flush=True)

@@ -112,6 +112,13 @@ def scene_infos(manifest: Any, ids: Sequence[int]) -> list[Any]:
                       manifest.scenes[i].has_ground_truth) for i in ids]
 
 
+def _compile_cache(run: Any) -> str:
+    """The compile cache of the run's storage path, shared with its training (``launch.compile_cache_dir``)."""
+    from sdf_ray.launch import compile_cache_dir
+
+    return compile_cache_dir(str(Path(run.directory).resolve().parent))
+
+
 def _job_record(command: str, cfg: Any, **fields: Any) -> dict[str, Any]:
     from sdf_ray.shapes.config import to_dict
 
@@ -228,7 +235,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     if not any(s.has_ground_truth for s in scenes):
         print("reconstruct: the dataset has no ground truth (surface samples): shapes are reconstructed and "
               "meshed; the surface metrics need ground truth")
-    job = Job("reconstruct", str(out_dir), str(data), cfg, clamp, run.latent_size)
+    job = Job("reconstruct", str(out_dir), str(data), cfg, clamp, run.latent_size, _compile_cache(run))
     extra = {"command": "reconstruct", "run": str(run.directory), "checkpoint": run.checkpoint.name,
              "dataset": str(data)}
     return _run("reconstruct", job, scenes, run.decoder_payload(), None, args.address, extra)
@@ -269,7 +276,8 @@ def cmd_mesh(args: argparse.Namespace) -> int:
                          dataset=None if data is None else str(data))
     check_job(out_dir, record, args.overwrite)
     clamp = cfg.clamp_dist if cfg.clamp_dist is not None else run.config.loss.clamp_dist
-    job = Job("mesh", str(out_dir), None if data is None else str(data), cfg, clamp, run.latent_size)
+    job = Job("mesh", str(out_dir), None if data is None else str(data), cfg, clamp, run.latent_size,
+              _compile_cache(run))
     codes = run.latents_NL.numpy()[ids]
     extra = {"command": "mesh", "run": str(run.directory), "checkpoint": run.checkpoint.name,
              "dataset": None if data is None else str(data)}

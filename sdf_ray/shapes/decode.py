@@ -20,16 +20,22 @@ from sdf_ray.shapes.reconstruct import precision_context
 
 @torch.no_grad()
 def decode_shared(decoder: nn.Module, codes_BL: torch.Tensor, points_P3: torch.Tensor, precision: str,
-                  points_per_forward: int) -> torch.Tensor:
-    """``[B, P]`` fp32: every code at every point (chunks of about ``points_per_forward`` evaluations)."""
+                  points_per_forward: int, pad: bool = False) -> torch.Tensor:
+    """``[B, P]`` fp32: every code at every point (chunks of about ``points_per_forward`` evaluations).
+
+    ``pad``: the last chunk is padded to a full one (for a compiled decoder: one input shape, one compilation).
+    """
     B = codes_BL.shape[0]
     chunk = max(1, points_per_forward // max(B, 1))
     latent = codes_BL.unsqueeze(1)
     out = []
     for start in range(0, points_P3.shape[0], chunk):
-        xyz = points_P3[start:start + chunk].unsqueeze(0)
+        xyz = points_P3[start:start + chunk]
+        n = xyz.shape[0]
+        if pad and n < chunk:
+            xyz = torch.cat([xyz, xyz.new_zeros(chunk - n, 3)])
         with precision_context(precision, points_P3.device):
-            out.append(decoder(latent, xyz).float())
+            out.append(decoder(latent, xyz.unsqueeze(0)).float()[:, :n])
     if not out:
         return torch.zeros(B, 0, device=points_P3.device)
     return torch.cat(out, dim=1)
@@ -65,19 +71,30 @@ def _fine_points(spec: GridSpec, block_mask: torch.Tensor, axis: torch.Tensor) -
 
 @torch.no_grad()
 def decode_sparse_grids(decoder: nn.Module, codes_BL: torch.Tensor, spec: GridSpec, precision: str,
-                        points_per_forward: int) -> list[SparseGrid]:
-    """Coarse grids of all codes in shared forwards, then each shape's refined blocks; CPU numpy results."""
+                        points_per_forward: int, static_batch: int = 0) -> list[SparseGrid]:
+    """Coarse grids of all codes in shared forwards, then each shape's refined blocks; CPU numpy results.
+
+    ``static_batch`` (a compiled decoder): the coarse pass runs on this many codes (the extra ones repeat the
+    first) and every chunk is padded, so the decoder sees two input shapes in all; fine points go in chunks of
+    a quarter of ``points_per_forward`` to keep the padding of each shape's last chunk small.
+    """
     device = codes_BL.device
+    B = codes_BL.shape[0]
+    pad = static_batch > 0
+    coarse_codes = codes_BL
+    if B < static_batch:
+        coarse_codes = torch.cat([codes_BL, codes_BL[:1].expand(static_batch - B, -1)])
     coarse_pts = torch.from_numpy(coarse_points(spec)).to(device)
-    coarse = decode_shared(decoder, codes_BL, coarse_pts, precision, points_per_forward)
+    coarse = decode_shared(decoder, coarse_codes, coarse_pts, precision, points_per_forward, pad)[:B]
     if spec.dense:
         empty_blocks = np.zeros((0, 0, 0), dtype=bool)
         return [SparseGrid(spec, c.cpu().numpy(), empty_blocks, np.zeros(0, dtype=np.float32)) for c in coarse]
     axis = torch.from_numpy(spec.axis()).to(device)
+    fine_chunk = max(1024, points_per_forward // 4) if pad else points_per_forward
     grids = []
-    for b in range(codes_BL.shape[0]):
+    for b in range(B):
         blocks = _refine_blocks(spec, coarse[b])
         pts = _fine_points(spec, blocks, axis)
-        fine = decode_shared(decoder, codes_BL[b:b + 1], pts, precision, points_per_forward)[0]
+        fine = decode_shared(decoder, codes_BL[b:b + 1], pts, precision, fine_chunk, pad)[0]
         grids.append(SparseGrid(spec, coarse[b].cpu().numpy(), blocks.cpu().numpy(), fine.cpu().numpy()))
     return grids

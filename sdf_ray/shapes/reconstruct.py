@@ -182,8 +182,25 @@ class _Attempt:
 
 
 def _optimise(decoder: nn.Module, bank: SampleBank, rows: list[int], keys: list[int], cfg: ReconstructConfig,
-              clamp_dist: float, latent_size: int) -> _Attempt:
-    """One attempt for the shapes ``rows`` of ``bank``: ``cfg.num_iterations`` masked Adam steps, no host sync."""
+              clamp_dist: float, latent_size: int, pad_to: int = 0) -> _Attempt:
+    """One attempt for the shapes ``rows`` of ``bank``: ``cfg.num_iterations`` masked Adam steps, no host sync.
+
+    ``pad_to``: optimise at least this many rows, the extra ones repeating the first shape (a compiled decoder
+    then sees one batch shape); rows are independent, so the padding changes no real row and is dropped.
+    """
+    real = len(rows)
+    if real < pad_to:
+        rows = rows + [rows[0]] * (pad_to - real)
+        keys = keys + [keys[0]] * (pad_to - real)
+    out = _optimise_rows(decoder, bank, rows, keys, cfg, clamp_dist, latent_size)
+    if real == len(rows):
+        return out
+    return _Attempt(out.codes_BL[:real], out.ok_B[:real], out.bad_iteration_B[:real], out.bad_kind_B[:real],
+                    out.loss_B[:real])
+
+
+def _optimise_rows(decoder: nn.Module, bank: SampleBank, rows: list[int], keys: list[int], cfg: ReconstructConfig,
+                   clamp_dist: float, latent_size: int) -> _Attempt:
     device = bank.samples_M4.device
     B = len(rows)
     rows_B = torch.tensor(rows, dtype=torch.int64, device=device)
@@ -224,12 +241,13 @@ def _optimise(decoder: nn.Module, bank: SampleBank, rows: list[int], keys: list[
 
 
 def reconstruct_codes(decoder: nn.Module, bank: SampleBank, cfg: ReconstructConfig, clamp_dist: float,
-                      latent_size: int) -> list[ShapeCode]:
+                      latent_size: int, pad_to: int = 0) -> list[ShapeCode]:
     """Optimise a code for every shape of ``bank`` (the decoder must be frozen: see :func:`freeze`).
 
     A shape whose loss or gradient turns non-finite is frozen at that step, retried from a fresh code (a new
     key, so new samples too) up to ``cfg.max_retries`` times, then reported ``failed``; a shape without samples
-    of both signs fails at once. The others are unaffected.
+    of both signs fails at once. The others are unaffected. ``pad_to``: every attempt runs at least this many
+    rows (for a compiled decoder: one batch shape, one compilation); the results are the same.
     """
     n = bank.num_shapes
     results: list[ShapeCode | None] = [None] * n
@@ -246,7 +264,7 @@ def reconstruct_codes(decoder: nn.Module, bank: SampleBank, cfg: ReconstructConf
         if not pending:
             break
         keys = [shape_key(cfg.seed, bank.scene_ids[b], attempt) for b in pending]
-        out = _optimise(decoder, bank, pending, keys, cfg, clamp_dist, latent_size)
+        out = _optimise(decoder, bank, pending, keys, cfg, clamp_dist, latent_size, pad_to)
         ok = out.ok_B.cpu().tolist()
         bad_at = out.bad_iteration_B.cpu().tolist()
         kinds = out.bad_kind_B.cpu().tolist()

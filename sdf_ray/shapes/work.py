@@ -37,6 +37,8 @@ class Job:
     cfg: ReconstructConfig
     clamp_dist: float
     latent_size: int
+    compile_cache_dir: str | None = None
+    """torch.compile's caches (the trained run's storage path shares them with training: ``launch``)."""
 
     def grid_spec(self) -> GridSpec:
         c = self.cfg
@@ -67,17 +69,27 @@ class ShapeWorker:
         import torch
 
         from sdf_ray.data.format import read_manifest
+        from sdf_ray.device_settings import resolve_reconstruct_for_device
         from sdf_ray.shapes.trained_run import build_decoder
 
-        self.job = job
         self.device = torch.device(device)
+        self.cfg = resolve_reconstruct_for_device(job.cfg, self.device)
+        self.job = job
         if self.device.type == "cpu":
             # As many threads as CPUs reserved: more would spin against the meshing tasks on the same cores.
             torch.set_num_threads(max(1, int(job.cfg.cpus_per_worker)))
         self.decoder = build_decoder(decoder_payload, self.device)
-        # Only the optimisation is compiled: its shapes are static per batch size, while grid decoding feeds
-        # chunks of every size (one compilation each).
-        self.optimised: Any = torch.compile(self.decoder) if job.cfg.compile else self.decoder
+        self.compiled: Any = self.decoder
+        # Compiled: batches are padded to shapes_per_batch and decoding chunks to fixed sizes (static_batch), so
+        # the decoder sees three input shapes in all (optimisation, coarse and fine decoding): three compilations
+        # per actor, whatever the batch sizes.
+        self.static_batch = self.cfg.shapes_per_batch if self.cfg.compile else 0
+        if self.cfg.compile:
+            if job.compile_cache_dir:
+                from sdf_ray.device_settings import use_compile_cache
+
+                use_compile_cache(job.compile_cache_dir)
+            self.compiled = torch.compile(self.decoder, mode=self.cfg.compile_mode, dynamic=False)
         self.manifest = read_manifest(job.data_path) if job.data_path else None
 
     def run(self, scene_ids: Sequence[int], codes_BL: np.ndarray | None = None) -> list[ShapeOutput]:
@@ -88,7 +100,7 @@ class ShapeWorker:
         from sdf_ray.shapes.reconstruct import SampleBank, reconstruct_codes, sdf_l1
         from sdf_ray.shapes.samples import load_shape_samples
 
-        job, cfg = self.job, self.job.cfg
+        job, cfg = self.job, self.cfg
         t0 = time.perf_counter()
         shapes = (load_shape_samples(job.data_path, list(scene_ids), self.manifest)
                   if job.data_path is not None else None)
@@ -96,7 +108,8 @@ class ShapeWorker:
         outs: list[ShapeOutput] = []
         if job.mode == "reconstruct":
             assert bank is not None and shapes is not None
-            for r, s in zip(reconstruct_codes(self.optimised, bank, cfg, job.clamp_dist, job.latent_size), shapes):
+            found = reconstruct_codes(self.compiled, bank, cfg, job.clamp_dist, job.latent_size, self.static_batch)
+            for r, s in zip(found, shapes):
                 outs.append(ShapeOutput(r.scene_id, r.status, r.reason, r.code.numpy(), r.loss, r.iterations,
                                         r.attempts, dropped_nan_samples=s.dropped_nan_rows))
         else:
@@ -114,7 +127,8 @@ class ShapeWorker:
                                                  cfg.points_per_forward)):
                     outs[j].sdf_l1 = value
             t1 = time.perf_counter()
-            grids = decode_sparse_grids(self.decoder, codes, job.grid_spec(), cfg.precision, cfg.points_per_forward)
+            grids = decode_sparse_grids(self.compiled, codes, job.grid_spec(), cfg.precision, cfg.points_per_forward,
+                                        self.static_batch)
             t_decode = time.perf_counter() - t1
             for j, grid in zip(good, grids):
                 outs[j].grid = grid

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Issue 12 on one H200: `sdf-ray reconstruct` of 1,000 held-out shapes end to end at the reference settings
+# (800 iterations x 8,000 samples, a 256^3 mesh, metrics on 30,000 points), after a per-stage bench of the
+# compile modes. Everything goes to stdout.
+#
+#   source .gpu/gpu-env.sh; bash docs/gpu-results/reconstruct-1000.sh 2>&1 | tee docs/gpu-results/reconstruct-1000-DATE.txt
+#
+# 1. data: 256 training shapes and 1,000 held-out shapes (16,384 SDF samples and 30,000 surface points each);
+# 2. a model: sdf_ray/configs/deepsdf.yaml, 400 steps on the 256 shapes (auto: bf16 + compile);
+# 3. `python -m sdf_ray.shapes.bench` per compile mode (64 shapes, 800 x 8,000): device seconds per shape;
+#    its compile caches go where the reconstruction's do (<storage>/.compile-cache), so step 4 finds them warm;
+# 4. `sdf-ray reconstruct` of the 1,000 held-out shapes through Ray with the faster mode, timed from the
+#    command to its exit, with nvidia-smi sampled every second.
+set -uo pipefail
+W=${W:-/tmp/issue12}
+PY=${PY:-python3}
+MODES=${MODES:-"default max-autotune-no-cudagraphs"}
+T_START=$(date +%s.%N)
+now() { date +%s.%N; }
+since() { $PY -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
+section() { echo; echo "=== $* (t=$(since "$T_START") s)"; }
+
+rm -rf "$W"; mkdir -p "$W"
+section "device"
+nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv,noheader
+$PY -c "import torch, ray, skimage; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| ray', ray.__version__, '| skimage', skimage.__version__)"
+nproc; git log -1 --format='commit %h %s' 2>/dev/null || true
+
+section "data: 256 training shapes; 1,000 held-out shapes in the background"
+$PY -m sdf_ray.cli data synth --out "$W/held-out" --num-scenes 1000 --samples-per-scene 16384 --seed 7 > "$W/synth.log" 2>&1 &
+SYNTH=$!
+$PY -m sdf_ray.cli data synth --out "$W/train" --num-scenes 256 --samples-per-scene 16384 --seed 100 --surface-samples 0
+
+section "model: deepsdf.yaml, 400 steps (auto precision/compile)"
+$PY -m sdf_ray.cli train --config sdf_ray/configs/deepsdf.yaml --set "data.path=$W/train" \
+  --set optim.num_epochs=100 --set logging.every_n_steps=100 --set checkpoint.every_n_epochs=100 \
+  --set "checkpoint.storage_path=$W/runs" --set checkpoint.run_name=model --overwrite 2>&1 | grep -v "socket.cpp\|PreemptionWatcher"
+wait $SYNTH; cat "$W/synth.log"
+
+export TORCHINDUCTOR_CACHE_DIR="$W/runs/.compile-cache/inductor" TRITON_CACHE_DIR="$W/runs/.compile-cache/triton"
+best_mode=default; best=99
+for mode in $MODES; do
+  section "bench: 64 shapes x 800 it x 8,000 samples, bf16, compile mode $mode"
+  timeout 240 $PY -m sdf_ray.shapes.bench --compile --compile-mode "$mode" --mesh-shapes 4 | tee "$W/bench-$mode.txt"
+  t=$($PY -c "import re,sys; m=re.search(r'device total: ([0-9.]+)', open(sys.argv[1]).read()); print(m.group(1) if m else 99)" "$W/bench-$mode.txt")
+  if $PY -c "import sys; sys.exit(0 if float(sys.argv[1]) < float(sys.argv[2]) else 1)" "$t" "$best"; then best=$t; best_mode=$mode; fi
+done
+echo "fastest: $best_mode ($best s/shape of device time)"
+
+section "reconstruct 1,000 held-out shapes, compile mode $best_mode"
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format=csv,noheader,nounits -lms 1000 \
+  > "$W/smi.csv" 2>/dev/null &
+SMI=$!
+t0=$(now)
+timeout 330 $PY -m sdf_ray.cli reconstruct --run "$W/runs/model" --data "$W/held-out" --out "$W/rec" \
+  --set "reconstruct.compile_mode=$best_mode" 2>&1 | grep -v "object store\|socket.cpp"
+code=$?
+kill $SMI 2>/dev/null; wait $SMI 2>/dev/null
+echo "exit code $code; command wall time $(since "$t0") s"
+$PY - "$W" "$t0" <<'EOF'
+import csv, json, statistics, sys
+from pathlib import Path
+w = Path(sys.argv[1])
+s = json.loads((w / "rec" / "summary.json").read_text()) if (w / "rec" / "summary.json").exists() else {}
+print(json.dumps({k: v for k, v in s.items() if k not in ("metrics",)}, indent=1)[:3000])
+rows = [r for r in csv.reader(open(w / "smi.csv")) if len(r) >= 4]
+if rows:
+    util = [float(r[1]) for r in rows]
+    mem = [float(r[2]) for r in rows]
+    print(f"nvidia-smi ({len(rows)} samples): GPU utilisation mean {statistics.mean(util):.0f} %, "
+          f"median {statistics.median(util):.0f} %, memory used max {max(mem) / 1024:.1f} GiB")
+EOF
+section "done"
