@@ -167,3 +167,20 @@ def test_hidden_activations_stay_bf16_under_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         dec(torch.randn(2, 1, 8), torch.randn(2, 5, 3))
     assert seen == [torch.bfloat16] * 4  # the input layers too (their fp32 bias must not promote them)
+
+
+def test_the_output_layer_is_fp32_under_autocast_in_both_forms(monkeypatch):
+    """The compiled form (product + row sum) equals the eager fp32 GEMM on the same bf16 activations."""
+    from sdf_ray import model as model_mod
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 40, 32).to(torch.bfloat16)
+    weight, bias = torch.randn(1, 32, requires_grad=True), torch.randn(1, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = model_mod._output_layer(x, weight, bias)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        fused = model_mod._output_layer(x, weight, bias)
+    assert eager.dtype == fused.dtype == torch.float32 and fused.shape == eager.shape == (6, 40, 1)
+    torch.testing.assert_close(fused, eager, rtol=1e-6, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(fused.sum(), [weight, bias]), torch.autograd.grad(eager.sum(), [weight, bias])):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)

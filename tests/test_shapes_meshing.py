@@ -9,7 +9,7 @@ from torch import nn
 
 from sdf_ray.data.format import to_normalized, to_original
 from sdf_ray.data.synth import synth_shape
-from sdf_ray.shapes.decode import _fine_points, _refine_blocks, decode_sparse_grids
+from sdf_ray.shapes.decode import _fine_points, _plan_levels, _refine_blocks, decode_sparse_grids
 from sdf_ray.shapes.meshing import (
     GridSpec,
     assemble,
@@ -17,6 +17,7 @@ from sdf_ray.shapes.meshing import (
     decode_grid,
     extract_mesh,
     fine_points,
+    plan_levels,
     read_mesh,
     refine_blocks,
     write_ply,
@@ -36,11 +37,11 @@ SHAPES = {"sphere": sphere, "torus": torus, "synth-1": synth_shape(1, 0).sdf, "s
           "synth-union": synth_shape(5, 3).sdf}
 
 
-@pytest.mark.parametrize("stride", [4, 5])
+@pytest.mark.parametrize("stride", [4, 5, 8])
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_coarse_to_fine_mesh_equals_the_dense_mesh(name, stride):
     fn = SHAPES[name]
-    n = 64  # 63 cells: stride 4 leaves a partial last block, stride 5 too
+    n = 64  # 63 cells: every level leaves a partial last block (levels 4 -> 2, 5, and 8 -> 4 -> 2)
     dense = extract_mesh(decode_grid(fn, GridSpec(n)))
     grid = decode_grid(fn, GridSpec(n, stride, refine_margin=1.0))
     sparse = extract_mesh(grid)
@@ -54,16 +55,27 @@ def test_coarse_to_fine_mesh_equals_the_dense_mesh(name, stride):
 def test_coarse_to_fine_decodes_a_small_fraction_at_high_resolution():
     grid = decode_grid(sphere, GridSpec(160, 4, 2.0))
     assert grid.num_decoded < 0.2 * 160 ** 3
+    assert GridSpec(256, 8).block_strides == (8, 4, 2) and GridSpec(256, 5).block_strides == (5,)
+    # Halving the blocks level by level decodes fewer points than one level of the same coarse stride would:
+    # the last level's band is 2-cell blocks within the margin, not 8-cell ones (a single level: stride 7).
+    levels = decode_grid(sphere, GridSpec(160, 8, 2.0)).num_decoded
+    single = decode_grid(sphere, GridSpec(160, 7, 2.0)).num_decoded
+    assert levels < 0.6 * single
 
 
-def test_the_device_plan_matches_the_cpu_plan():
-    spec = GridSpec(48, 5, 2.0)
-    coarse = sphere(coarse_points(spec)).astype(np.float32)
-    blocks = refine_blocks(spec, coarse)
-    blocks_t = _refine_blocks(spec, torch.from_numpy(coarse))
+@pytest.mark.parametrize("stride", [5, 8])
+def test_the_device_plan_matches_the_cpu_plan(stride):
+    spec = GridSpec(48, stride, 2.0)
+    fn = SHAPES["torus"]
+    coarse = fn(coarse_points(spec)).astype(np.float32)
+    np.testing.assert_array_equal(_refine_blocks(spec, torch.from_numpy(coarse)).numpy(), refine_blocks(spec, coarse))
+    blocks, decoded = plan_levels(spec, coarse, fn)
+    axis = torch.from_numpy(spec.axis())
+    blocks_t, decoded_t = _plan_levels(spec, torch.from_numpy(coarse), axis,
+                                       lambda p: torch.from_numpy(fn(p.numpy()).astype(np.float32)))
     np.testing.assert_array_equal(blocks_t.numpy(), blocks)
-    pts_t = _fine_points(spec, blocks_t, torch.from_numpy(spec.axis()))
-    np.testing.assert_array_equal(pts_t.numpy(), fine_points(spec, blocks))
+    assert decoded_t == decoded and (decoded > 0) == (stride == 8)
+    np.testing.assert_array_equal(_fine_points(spec, blocks_t, axis).numpy(), fine_points(spec, blocks))
 
 
 class SphereCodes(nn.Module):

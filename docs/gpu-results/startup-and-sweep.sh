@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 14 on one H200: the start-up breakdown of a 40-step job (cold, then warm compile cache) and the efficiency
-# of a packed sweep (16 trials of 1,024 steps at scaling.gpus_per_worker=0.25) against one uninterrupted run.
+# of a packed sweep (16 trials of 1,024 steps at scaling.gpus_per_worker=0.125: 8 at a time) against one uninterrupted run.
 #
 #   source .gpu/gpu-env.sh; bash docs/gpu-results/startup-and-sweep.sh 2>&1 | tee docs/gpu-results/startup-and-sweep-DATE.txt
 #
@@ -62,13 +62,13 @@ space:
 scheduler: fifo
 EOF
 BUDGET_SWEEP=$(left)
-section "packed sweep: 16 trials x 1,024 steps at gpus_per_worker 0.25 (budget ${BUDGET_SWEEP} s)"
+section "packed sweep: 16 trials x 1,024 steps at gpus_per_worker 0.125 (budget ${BUDGET_SWEEP} s)"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format=csv,noheader,nounits -lms 1000 \
   > "$W/smi.csv" 2>/dev/null &
 SMI_PID=$!
 t0=$(now)
 timeout -s INT -k 30 "$BUDGET_SWEEP" $PY -m sdf_ray.cli tune "${FAST[@]}" "${SWEEP[@]}" \
-  --set scaling.use_gpu=true --set scaling.gpus_per_worker=0.25 --set scaling.gpu_memory_per_worker_gib=8 \
+  --set scaling.use_gpu=true --set scaling.gpus_per_worker=0.125 --set scaling.gpu_memory_per_worker_gib=8 \
   --set "checkpoint.storage_path=$W/runs" --search "$W/packed16.yaml" --name packed16 --overwrite
 code=$?
 t1=$(now)

@@ -73,11 +73,13 @@ class ReconstructConfig:
     """Seed of the code init and of each shape's sample stream (per shape: batching changes nothing)."""
     mesh_resolution: Annotated[int, Interval(MIN_RESOLUTION, MAX_RESOLUTION)] = 256
     """N: the SDF is decoded on an N^3 grid over [-1, 1]^3 (the reference: 256)."""
-    mesh_coarse_stride: PositiveInt = 4
-    """Fine cells per coarse block along an axis: the coarse grid decodes every this-many fine points, and only
-    the blocks near the surface are decoded at full resolution (1: dense decoding)."""
+    mesh_coarse_stride: PositiveInt = 8
+    """Fine cells per coarse block along an axis: the coarse grid decodes every this-many fine points; blocks
+    near the surface are halved level by level while the size is even and above 2 (8 -> 4 -> 2), and the
+    2-cell blocks left near the surface are decoded at full resolution (1: dense decoding). At N = 256 this
+    decodes about 1.4 M points of a shape instead of 2.2 M for one level of 4-cell blocks."""
     mesh_refine_margin: Annotated[float, Ge(1)] = 2.0
-    """A coarse block is decoded finely when its corners change sign or one has |sdf| below this many block
+    """A block (at any level) is refined when its corners change sign or one has |sdf| below this many block
     half-diagonals. 1 suffices for a true distance function; a decoder only approximates one (it is trained
     on clamped targets), hence the default of 2."""
     points_per_forward: Annotated[int, Ge(1024)] = 262_144

@@ -9,12 +9,13 @@ plans agree point for point. Planning on the device keeps the host out of the lo
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from sdf_ray.shapes.meshing import GridSpec, SparseGrid, cell_blocks, coarse_points
+from sdf_ray.shapes.meshing import GridSpec, SparseGrid, cell_blocks, coarse_points, parent_blocks
 from sdf_ray.shapes.reconstruct import precision_context
 
 
@@ -35,17 +36,17 @@ def decode_shared(decoder: nn.Module, codes_BL: torch.Tensor, points_P3: torch.T
         if pad and n < chunk:
             xyz = torch.cat([xyz, xyz.new_zeros(chunk - n, 3)])
         with precision_context(precision, points_P3.device):
-            out.append(decoder(latent, xyz.unsqueeze(0)).float()[:, :n])
+            values = decoder(latent, xyz.unsqueeze(0)).float()[:, :n]
+        # A CUDA-graphed decoder (compile mode reduce-overhead) overwrites its output on the next call.
+        out.append(values.clone() if pad else values)
     if not out:
         return torch.zeros(B, 0, device=points_P3.device)
     return torch.cat(out, dim=1)
 
 
-def _refine_blocks(spec: GridSpec, coarse_values: torch.Tensor) -> torch.Tensor:
-    """:func:`sdf_ray.shapes.meshing.refine_blocks` on the device."""
-    nc = len(spec.coarse_index())
-    v = coarse_values.reshape(nc, nc, nc)
-    nb = nc - 1
+def _blocks_to_refine(v: torch.Tensor, threshold: float) -> torch.Tensor:
+    """:func:`sdf_ray.shapes.meshing.blocks_to_refine` on the device."""
+    nb = v.shape[0] - 1
     any_pos = torch.zeros((nb,) * 3, dtype=torch.bool, device=v.device)
     any_neg = torch.zeros_like(any_pos)
     near = torch.zeros_like(any_pos)
@@ -53,30 +54,68 @@ def _refine_blocks(spec: GridSpec, coarse_values: torch.Tensor) -> torch.Tensor:
         corner = v[dx:dx + nb, dy:dy + nb, dz:dz + nb]
         any_pos |= corner > 0
         any_neg |= corner <= 0
-        near |= ~(corner.abs() > spec.margin_abs)
+        near |= ~(corner.abs() > threshold)
     return (any_pos & any_neg) | near
+
+
+def _refine_blocks(spec: GridSpec, coarse_values: torch.Tensor) -> torch.Tensor:
+    """:func:`sdf_ray.shapes.meshing.refine_blocks` on the device."""
+    nc = len(spec.coarse_index())
+    return _blocks_to_refine(coarse_values.reshape(nc, nc, nc), spec.margin_abs)
+
+
+def _corner_points(cells: torch.Tensor) -> torch.Tensor:
+    n = cells.shape[0] + 1
+    points = torch.zeros((n,) * 3, dtype=torch.bool, device=cells.device)
+    for dx, dy, dz in itertools.product((0, 1), repeat=3):
+        points[dx:dx + n - 1, dy:dy + n - 1, dz:dz + n - 1] |= cells
+    return points
+
+
+def _level_points(spec: GridSpec, stride: int, mask: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+    """:func:`sdf_ray.shapes.meshing.level_points` on the device (same C order)."""
+    a = axis[torch.as_tensor(spec.level_index(stride), device=axis.device)]
+    return a[torch.nonzero(mask)]
+
+
+def _take3(blocks: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+    i = torch.as_tensor(index, device=blocks.device)
+    return blocks[i][:, i][:, :, i]
+
+
+def _plan_levels(spec: GridSpec, coarse_values: torch.Tensor, axis: torch.Tensor,
+                 decode: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """:func:`sdf_ray.shapes.meshing.plan_levels` on the device: (final refined blocks, points decoded)."""
+    blocks = _refine_blocks(spec, coarse_values)
+    decoded = 0
+    strides = spec.block_strides
+    for parent, stride in zip(strides, strides[1:]):
+        candidates = _take3(blocks, parent_blocks(spec, stride, parent))
+        points = _corner_points(candidates)
+        coords = _level_points(spec, stride, points, axis)
+        values = torch.full(points.shape, float("nan"), device=axis.device)
+        if len(coords):
+            values[points] = decode(coords)
+        decoded += len(coords)
+        blocks = candidates & _blocks_to_refine(values, spec.margin_at(stride))
+    return blocks, decoded
 
 
 def _fine_points(spec: GridSpec, block_mask: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
     """:func:`sdf_ray.shapes.meshing.fine_points` on the device (same C order)."""
-    b = torch.as_tensor(cell_blocks(spec), device=block_mask.device)
-    cells = block_mask[b][:, b][:, :, b]
-    n = spec.resolution
-    points = torch.zeros((n,) * 3, dtype=torch.bool, device=block_mask.device)
-    for dx, dy, dz in itertools.product((0, 1), repeat=3):
-        points[dx:dx + n - 1, dy:dy + n - 1, dz:dz + n - 1] |= cells
-    idx = torch.nonzero(points)
-    return axis[idx]
+    cells = _take3(block_mask, cell_blocks(spec))
+    return _level_points(spec, 1, _corner_points(cells), axis)
 
 
 @torch.no_grad()
 def decode_sparse_grids(decoder: nn.Module, codes_BL: torch.Tensor, spec: GridSpec, precision: str,
                         points_per_forward: int, static_batch: int = 0) -> list[SparseGrid]:
-    """Coarse grids of all codes in shared forwards, then each shape's refined blocks; CPU numpy results.
+    """Coarse grids of all codes in shared forwards, then each shape's refinement levels and its fine points;
+    CPU numpy results.
 
     ``static_batch`` (a compiled decoder): the coarse pass runs on this many codes (the extra ones repeat the
-    first) and every chunk is padded, so the decoder sees two input shapes in all; fine points go in chunks of
-    a quarter of ``points_per_forward`` to keep the padding of each shape's last chunk small.
+    first) and every chunk is padded, so the decoder sees two input shapes in all; the per-shape passes go in
+    chunks of a quarter of ``points_per_forward`` to keep the padding of each pass's last chunk small.
     """
     device = codes_BL.device
     B = codes_BL.shape[0]
@@ -90,11 +129,15 @@ def decode_sparse_grids(decoder: nn.Module, codes_BL: torch.Tensor, spec: GridSp
         empty_blocks = np.zeros((0, 0, 0), dtype=bool)
         return [SparseGrid(spec, c.cpu().numpy(), empty_blocks, np.zeros(0, dtype=np.float32)) for c in coarse]
     axis = torch.from_numpy(spec.axis()).to(device)
-    fine_chunk = max(1024, points_per_forward // 4) if pad else points_per_forward
+    chunk = max(1024, points_per_forward // 4) if pad else points_per_forward
     grids = []
     for b in range(B):
-        blocks = _refine_blocks(spec, coarse[b])
-        pts = _fine_points(spec, blocks, axis)
-        fine = decode_shared(decoder, codes_BL[b:b + 1], pts, precision, fine_chunk, pad)[0]
-        grids.append(SparseGrid(spec, coarse[b].cpu().numpy(), blocks.cpu().numpy(), fine.cpu().numpy()))
+        code = codes_BL[b:b + 1]
+
+        def decode(points: torch.Tensor, code: torch.Tensor = code) -> torch.Tensor:
+            return decode_shared(decoder, code, points, precision, chunk, pad)[0]
+
+        blocks, num_mid = _plan_levels(spec, coarse[b], axis, decode)
+        fine = decode(_fine_points(spec, blocks, axis))
+        grids.append(SparseGrid(spec, coarse[b].cpu().numpy(), blocks.cpu().numpy(), fine.cpu().numpy(), num_mid))
     return grids

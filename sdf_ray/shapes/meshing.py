@@ -4,14 +4,16 @@ The grid is DeepSDF's: N points per axis over [-1, 1]^3, ``x_i = -1 + i * 2 / (N
 ``volume[i, j, k] = f(x_i, x_j, x_k)``; marching cubes at level 0 gives the mesh in the normalised frame.
 
 Coarse to fine: decode every ``s``-th point per axis (plus the last), which cuts the grid into blocks of
-``s^3`` fine cells. A block is decoded at full resolution when its coarse corners change sign or one of them
-has ``|f| <= margin * (block half-diagonal)``. For a true distance function a margin of 1 is exact: a zero
-inside a block lies within a half-diagonal of a corner, so that corner has ``|f|`` at most that. A decoder
-trained on clamped targets is only close to a distance function near the surface, hence a generous margin
-(values beyond the clamp distance only say "far", which the margin test reads as far: blocks there are skipped
-as long as the margin is below the clamp distance). Marching cubes then runs only on the refined cells
-(scikit-image's ``mask``); every other cell has corners of one sign and yields nothing in the dense grid
-either, so the mesh equals the dense one (a test proves it on analytic shapes).
+``s^3`` fine cells. A block is refined when its corners change sign or one of them has
+``|f| <= margin * (block half-diagonal)``; a refined block is cut into blocks of half the size, whose corners are
+decoded and tested the same way, down to blocks of 2 cells (``GridSpec.block_strides``: 8 -> 4 -> 2), and the
+refined blocks of that last level are decoded at full resolution. For a true distance function a margin of 1 is
+exact at every level: a zero inside a block lies within a half-diagonal of a corner, so that corner has ``|f|``
+at most that. A decoder trained on clamped targets is only close to a distance function near the surface, hence
+a generous margin (values beyond the clamp distance only say "far", which the margin test reads as far: blocks
+there are skipped as long as the margin is below the clamp distance). Marching cubes then runs only on the
+refined cells (scikit-image's ``mask``); every other cell has corners of one sign and yields nothing in the dense
+grid either, so the mesh equals the dense one (a test proves it on analytic shapes).
 
 Decoding is left to the caller (:class:`SdfFunction` on numpy points, or the device code of
 ``sdf_ray.shapes.decode``): this module plans which points to decode and turns the values into a mesh.
@@ -33,7 +35,8 @@ SdfFunction = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class GridSpec:
-    """An N^3 grid over [-1, 1]^3 decoded coarse to fine with blocks of ``coarse_stride`` cells per axis."""
+    """An N^3 grid over [-1, 1]^3 decoded coarse to fine, starting with blocks of ``coarse_stride`` cells per
+    axis and halving them while the stride is even and above 2 (8 -> 4 -> 2; a stride of 5 has one level)."""
 
     resolution: int
     coarse_stride: int = 1
@@ -47,19 +50,40 @@ class GridSpec:
     def dense(self) -> bool:
         return self.coarse_stride <= 1
 
+    @property
+    def block_strides(self) -> tuple[int, ...]:
+        """The block size of each refinement level, coarsest first; the last one's blocks are decoded densely."""
+        strides = [max(self.coarse_stride, 1)]
+        while strides[-1] % 2 == 0 and strides[-1] > 2:
+            strides.append(strides[-1] // 2)
+        return tuple(strides)
+
+    @property
+    def final_stride(self) -> int:
+        return self.block_strides[-1]
+
     def axis(self) -> np.ndarray:
         """The fine grid's coordinates along one axis (float32, from float64: both paths use this one)."""
         return (-1.0 + np.arange(self.resolution, dtype=np.float64) * self.voxel_size).astype(np.float32)
 
-    def coarse_index(self) -> np.ndarray:
-        """Fine indices of the coarse points along one axis: 0, s, 2s, ... and always N - 1."""
+    def level_index(self, stride: int) -> np.ndarray:
+        """Fine indices of a level's points along one axis: 0, s, 2s, ... and always N - 1. Each level's points
+        include the coarser levels', so every block of a level lies inside one block of the level above."""
         n = self.resolution
-        return np.unique(np.append(np.arange(0, n, max(self.coarse_stride, 1)), n - 1))
+        return np.unique(np.append(np.arange(0, n, max(stride, 1)), n - 1))
+
+    def coarse_index(self) -> np.ndarray:
+        """Fine indices of the coarse points along one axis."""
+        return self.level_index(self.coarse_stride)
+
+    def margin_at(self, stride: int) -> float:
+        """The refinement threshold on |f| for blocks of ``stride`` cells: margin x a full block's half-diagonal."""
+        return float(self.refine_margin * stride * self.voxel_size * np.sqrt(3.0) / 2.0)
 
     @property
     def margin_abs(self) -> float:
-        """The refinement threshold on |f|: margin x the half-diagonal of a full block."""
-        return float(self.refine_margin * self.coarse_stride * self.voxel_size * np.sqrt(3.0) / 2.0)
+        """The coarse level's threshold (:meth:`margin_at` the coarse stride)."""
+        return self.margin_at(self.coarse_stride)
 
 
 def grid_points(axis_values: np.ndarray) -> np.ndarray:
@@ -73,11 +97,11 @@ def coarse_points(spec: GridSpec) -> np.ndarray:
     return grid_points(spec.axis()[spec.coarse_index()])
 
 
-def refine_blocks(spec: GridSpec, coarse_values: np.ndarray) -> np.ndarray:
-    """``[nb, nb, nb]`` bool: blocks whose corners change sign, come within the margin, or are not finite."""
-    nc = len(spec.coarse_index())
-    v = np.asarray(coarse_values, dtype=np.float32).reshape(nc, nc, nc)
-    nb = nc - 1
+def blocks_to_refine(values: np.ndarray, threshold: float) -> np.ndarray:
+    """``[n-1]^3`` bool from a level's ``[n]^3`` values: blocks whose corners change sign, or have one within
+    ``threshold`` of zero or not finite (NaN counts as near: it is then decoded and reported)."""
+    v = np.asarray(values, dtype=np.float32)
+    nb = v.shape[0] - 1
     any_pos = np.zeros((nb,) * 3, dtype=bool)
     any_neg = np.zeros((nb,) * 3, dtype=bool)
     near = np.zeros((nb,) * 3, dtype=bool)
@@ -85,56 +109,98 @@ def refine_blocks(spec: GridSpec, coarse_values: np.ndarray) -> np.ndarray:
         corner = v[dx:dx + nb, dy:dy + nb, dz:dz + nb]
         any_pos |= corner > 0
         any_neg |= corner <= 0
-        near |= ~(np.abs(corner) > spec.margin_abs)  # NaN counts as near: it is then decoded and reported
+        near |= ~(np.abs(corner) > threshold)
     return (any_pos & any_neg) | near
 
 
-def cell_blocks(spec: GridSpec) -> np.ndarray:
-    """Block index of each fine cell along an axis (``N - 1`` cells)."""
-    return np.searchsorted(spec.coarse_index(), np.arange(spec.resolution - 1), side="right") - 1
+def refine_blocks(spec: GridSpec, coarse_values: np.ndarray) -> np.ndarray:
+    """The coarse level's blocks to refine, from the values at :func:`coarse_points`."""
+    nc = len(spec.coarse_index())
+    return blocks_to_refine(np.asarray(coarse_values, dtype=np.float32).reshape(nc, nc, nc), spec.margin_abs)
 
 
-def refined_cells(spec: GridSpec, block_mask: np.ndarray) -> np.ndarray:
-    """``[N-1]^3`` bool: the fine cells (by lower corner) inside refined blocks."""
-    b = cell_blocks(spec)
-    return np.asarray(block_mask[np.ix_(b, b, b)])
+def parent_blocks(spec: GridSpec, stride: int, parent_stride: int) -> np.ndarray:
+    """For each block of the ``stride`` level along an axis, the index of the ``parent_stride`` block holding it."""
+    return np.searchsorted(spec.level_index(parent_stride), spec.level_index(stride)[:-1], side="right") - 1
 
 
-def refined_points(spec: GridSpec, block_mask: np.ndarray) -> np.ndarray:
-    """``[N]^3`` bool: every corner of a refined cell, i.e. the points decoded at full resolution."""
-    cells = refined_cells(spec, block_mask)
-    n = spec.resolution
+def corner_points(cells: np.ndarray) -> np.ndarray:
+    """``[n]^3`` bool: every corner of the ``[n-1]^3`` cells (or blocks) marked in ``cells``."""
+    n = cells.shape[0] + 1
     points = np.zeros((n,) * 3, dtype=bool)
     for dx, dy, dz in itertools.product((0, 1), repeat=3):
         points[dx:dx + n - 1, dy:dy + n - 1, dz:dz + n - 1] |= cells
     return points
 
 
+def level_points(spec: GridSpec, stride: int, mask: np.ndarray) -> np.ndarray:
+    """``[P, 3]`` float32 coordinates of the ``stride`` level's points marked in ``mask`` (C order)."""
+    a = spec.axis()[spec.level_index(stride)]
+    i, j, k = np.nonzero(mask)
+    return np.stack([a[i], a[j], a[k]], axis=1)
+
+
+def cell_blocks(spec: GridSpec) -> np.ndarray:
+    """Block index (at the final level) of each fine cell along an axis (``N - 1`` cells)."""
+    return np.searchsorted(spec.level_index(spec.final_stride), np.arange(spec.resolution - 1), side="right") - 1
+
+
+def refined_cells(spec: GridSpec, block_mask: np.ndarray) -> np.ndarray:
+    """``[N-1]^3`` bool: the fine cells (by lower corner) inside refined final-level blocks."""
+    b = cell_blocks(spec)
+    return np.asarray(block_mask[np.ix_(b, b, b)])
+
+
+def refined_points(spec: GridSpec, block_mask: np.ndarray) -> np.ndarray:
+    """``[N]^3`` bool: every corner of a refined cell, i.e. the points decoded at full resolution."""
+    return corner_points(refined_cells(spec, block_mask))
+
+
 def fine_points(spec: GridSpec, block_mask: np.ndarray) -> np.ndarray:
     """``[P, 3]`` float32 coordinates of :func:`refined_points`, in C order (the order values come back in)."""
-    i, j, k = np.nonzero(refined_points(spec, block_mask))
-    a = spec.axis()
-    return np.stack([a[i], a[j], a[k]], axis=1)
+    return level_points(spec, 1, refined_points(spec, block_mask))
 
 
 @dataclass
 class SparseGrid:
-    """What a decoder produces for one shape: coarse values, the refined blocks and their fine values.
-
-    A few MB for N = 256 instead of the 67 MB dense volume: this is what travels from a device to a CPU.
+    """What a decoder produces for one shape: coarse values, the refined final-level blocks and their fine
+    values. A few MB for N = 256 instead of the 67 MB dense volume: this is what travels from a device to a CPU.
     """
 
     spec: GridSpec
     coarse_values: np.ndarray
     """``[nc^3]`` float32 at :func:`coarse_points`."""
     block_mask: np.ndarray
-    """``[nb, nb, nb]`` bool (empty when dense)."""
+    """``[nb, nb, nb]`` bool: the refined blocks of the final level (empty when dense)."""
     fine_values: np.ndarray
     """``[P]`` float32 at :func:`fine_points`."""
+    num_mid: int = 0
+    """Points decoded at the intermediate levels (planning only: meshing does not need their values)."""
 
     @property
     def num_decoded(self) -> int:
-        return int(self.coarse_values.size + self.fine_values.size)
+        return int(self.coarse_values.size + self.num_mid + self.fine_values.size)
+
+
+def plan_levels(spec: GridSpec, coarse_values: np.ndarray, sdf: SdfFunction) -> tuple[np.ndarray, int]:
+    """(the final level's refined blocks, the points decoded on the way): each level decodes the corners of its
+    blocks inside the refined blocks of the level above and keeps those that change sign or come within the
+    margin. For a true distance function and a margin of at least 1, a block holding a zero of f always has a
+    corner within its half-diagonal, at every level, so no zero is lost (the coarse == dense test proves it)."""
+    blocks = refine_blocks(spec, coarse_values)
+    decoded = 0
+    strides = spec.block_strides
+    for parent, stride in zip(strides, strides[1:]):
+        p = parent_blocks(spec, stride, parent)
+        candidates = blocks[np.ix_(p, p, p)]
+        points = corner_points(candidates)
+        values = np.full(points.shape, np.nan, dtype=np.float32)
+        if points.any():
+            values[points] = np.asarray(sdf(level_points(spec, stride, points)), dtype=np.float32)
+        decoded += int(points.sum())
+        # A candidate's corners are all decoded: the NaN placeholders only sit outside the candidates.
+        blocks = candidates & blocks_to_refine(values, spec.margin_at(stride))
+    return blocks, decoded
 
 
 def decode_grid(sdf: SdfFunction, spec: GridSpec) -> SparseGrid:
@@ -142,17 +208,17 @@ def decode_grid(sdf: SdfFunction, spec: GridSpec) -> SparseGrid:
     coarse = np.asarray(sdf(coarse_points(spec)), dtype=np.float32)
     if spec.dense:
         return SparseGrid(spec, coarse, np.zeros((0, 0, 0), dtype=bool), np.zeros(0, dtype=np.float32))
-    blocks = refine_blocks(spec, coarse)
+    blocks, num_mid = plan_levels(spec, coarse, sdf)
     pts = fine_points(spec, blocks)
     fine = np.asarray(sdf(pts), dtype=np.float32) if len(pts) else np.zeros(0, dtype=np.float32)
-    return SparseGrid(spec, coarse, blocks, fine)
+    return SparseGrid(spec, coarse, blocks, fine, num_mid)
 
 
 def assemble(grid: SparseGrid) -> tuple[np.ndarray, np.ndarray | None]:
     """(``[N]^3`` float32 volume, cell mask for marching cubes or None when dense).
 
-    Points outside the refined blocks take the value of their block's lower coarse corner: the corners of an
-    unrefined block share one sign, and no marching-cubes cell reads them anyway. The mask is placed at each
+    Points outside the refined cells take the value of their coarse block's lower corner: no marching-cubes cell
+    reads them (the mask leaves their cells out). The mask is placed at each
     refined cell's UPPER corner index: that is where scikit-image's Lewiner loop reads it (0.26, found by
     comparing against the dense result; the coarse == dense test guards it).
     """
