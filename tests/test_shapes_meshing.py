@@ -180,3 +180,23 @@ def test_assemble_marks_cells_where_marching_cubes_reads_them():
         for dj in (0, -1):
             for dk in (0, -1):
                 np.testing.assert_allclose(volume[i + di, j + dj, k + dk], dense[i + di, j + dj, k + dk], atol=1e-6)
+
+
+def test_a_compiled_decoder_compiles_once_per_pass_whatever_the_shapes_and_batches():
+    """static_batch keeps every input shape and stride fixed: the coarse, mid-level and fine passes of any number
+    of shapes, in batches of any size, cost three compilations (beyond that dynamo would recompile per shape
+    and, past its limit, fall back to eager)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(SphereCodes(), backend=counter, dynamic=False)
+    spec = GridSpec(40, 8, 2.0)
+    for codes in (torch.tensor([[0.3, 0.0], [0.6, 0.0], [0.5, 0.0]]), torch.tensor([[0.45, 0.0]])):
+        grids = decode_sparse_grids(compiled, codes, spec, "fp32", points_per_forward=4000, static_batch=3)
+        for grid, r in zip(grids, codes[:, 0].tolist()):
+            ref = decode_grid(lambda p, r=r: np.linalg.norm(p, axis=1) - r, spec)
+            np.testing.assert_array_equal(grid.block_mask, ref.block_mask)
+            np.testing.assert_allclose(grid.fine_values, ref.fine_values, atol=1e-6)
+    assert counter.frame_count <= 2  # [3 codes x coarse chunk] and [1 code x fine chunk]
+    torch._dynamo.reset()

@@ -31,7 +31,7 @@ def decode_shared(decoder: nn.Module, codes_BL: torch.Tensor, points_P3: torch.T
     latent = codes_BL.unsqueeze(1)
     out = []
     for start in range(0, points_P3.shape[0], chunk):
-        xyz = points_P3[start:start + chunk]
+        xyz = points_P3[start:start + chunk].contiguous()
         n = xyz.shape[0]
         if pad and n < chunk:
             xyz = torch.cat([xyz, xyz.new_zeros(chunk - n, 3)])
@@ -75,7 +75,9 @@ def _corner_points(cells: torch.Tensor) -> torch.Tensor:
 def _level_points(spec: GridSpec, stride: int, mask: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
     """:func:`sdf_ray.shapes.meshing.level_points` on the device (same C order)."""
     a = axis[torch.as_tensor(spec.level_index(stride), device=axis.device)]
-    return a[torch.nonzero(mask)]
+    # contiguous: CUDA's nonzero is column-major, and a compiled decoder specialises on the input's strides
+    # (one recompilation per shape's point count, then the recompile limit and eager fallback: seen on an H200).
+    return a[torch.nonzero(mask)].contiguous()
 
 
 def _take3(blocks: torch.Tensor, index: np.ndarray) -> torch.Tensor:
