@@ -37,7 +37,7 @@ $PY -m sdf_ray.cli data synth --out "$W/d" --num-scenes 512 --samples-per-scene 
 
 FAST=(--config sdf_ray/configs/deepsdf.yaml --set "data.path=$W/d" --set optim.precision=bf16 --set model.compile=true)
 JOB40=(--set optim.num_epochs=5 --set logging.every_n_steps=8 --set checkpoint.every_n_epochs=5)
-JOB40_RUNS=${JOB40_RUNS:-"cold warm"}  # JOB40_RUNS="" skips the 40-step job
+JOB40_RUNS=${JOB40_RUNS-"cold warm"}  # JOB40_RUNS="" skips the 40-step job
 for run in $JOB40_RUNS; do
   section "40-step job, $run compile cache ($W/runs/.compile-cache)"
   t0=$(now)
