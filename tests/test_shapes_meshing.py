@@ -200,3 +200,16 @@ def test_a_compiled_decoder_compiles_once_per_pass_whatever_the_shapes_and_batch
             np.testing.assert_allclose(grid.fine_values, ref.fine_values, atol=1e-6)
     assert counter.frame_count <= 2  # [3 codes x coarse chunk] and [1 code x fine chunk]
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(("n", "stride"), [(8, 8), (9, 8), (10, 16)])
+def test_a_coarse_stride_at_or_above_the_resolution_is_one_block_and_still_exact(n, stride):
+    """reconstruct.mesh_resolution can go down to 8 with the default stride of 8: the top level is one block."""
+    from sdf_ray.shapes.config import from_overrides
+
+    from_overrides([f"reconstruct.mesh_resolution={n}", f"reconstruct.mesh_coarse_stride={stride}"])
+    dense = extract_mesh(decode_grid(sphere, GridSpec(n)))
+    sparse = extract_mesh(decode_grid(sphere, GridSpec(n, stride, refine_margin=1.0)))
+    assert dense.mesh is not None and sparse.mesh is not None
+    np.testing.assert_array_equal(sparse.mesh.faces_F3, dense.mesh.faces_F3)
+    np.testing.assert_allclose(sparse.mesh.verts_V3, dense.mesh.verts_V3)

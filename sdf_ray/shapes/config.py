@@ -77,7 +77,8 @@ class ReconstructConfig:
     """Fine cells per coarse block along an axis: the coarse grid decodes every this-many fine points; blocks
     near the surface are halved level by level while the size is even and above 2 (8 -> 4 -> 2), and the
     2-cell blocks left near the surface are decoded at full resolution (1: dense decoding). At N = 256 this
-    decodes about 1.4 M points of a shape instead of 2.2 M for one level of 4-cell blocks."""
+    decodes about 1.4 M points of a shape instead of 2.2 M for one level of 4-cell blocks. A stride at or above
+    the resolution is one block over the whole grid (valid, just not sparse at the top level)."""
     mesh_refine_margin: Annotated[float, Ge(1)] = 2.0
     """A block (at any level) is refined when its corners change sign or one has |sdf| below this many block
     half-diagonals. 1 suffices for a true distance function; a decoder only approximates one (it is trained
@@ -109,9 +110,6 @@ class ReconstructConfig:
         """Problems between fields (the structurer runs this once the section is built)."""
         if not isinstance(self.compile, bool) and self.compile != "auto":  # 1 == True passes the Literal check
             yield "compile", f"expected true, false or 'auto', got {self.compile!r}"
-        if self.mesh_coarse_stride >= self.mesh_resolution - 1:
-            yield "mesh_coarse_stride", (f"must be below mesh_resolution - 1 = {self.mesh_resolution - 1}, "
-                                         f"got {self.mesh_coarse_stride}")
 
 
 def lr_at(cfg: ReconstructConfig, iteration: int) -> float:
