@@ -75,10 +75,12 @@ def test_rerun_skips_done_shapes(reconstructed, capsys):
     assert summary["shapes_this_run"] == 1 and summary["num_shapes"] == 3 and redo.is_file()
 
 
-def test_mesh_training_scenes_from_their_codes(ray_session, shapes_data, tmp_path):
+def test_mesh_training_scenes_from_their_codes(ray_session, shapes_data, tmp_path, capfd):
     out = tmp_path / "mesh"
     assert cli(["mesh", "--run", str(shapes_data.run), "--out", str(out), "--scenes", "sphere-1", "sphere-3",
                 *FAST, "--set", "reconstruct.num_workers=1"]) == 0
+    # Ray's error line for restartable actors built from object-store arguments (the weights travel per call)
+    assert "constructor arguments in the object store" not in capfd.readouterr().err
     rows = read_csv(out / "metrics.csv")
     assert [r["scene"] for r in rows] == ["sphere-1", "sphere-3"]
     assert all(r["status"] == "ok" and r["iterations"] == "0" and float(r["chamfer_l2"]) < 0.05 for r in rows)

@@ -53,11 +53,28 @@ class Placement:
     """How many CPU tasks can run at once next to the actors."""
 
 
-class _RemoteShapeWorker(ShapeWorker):
-    """The actor: one Ray object per shape (``num_returns`` = batch size), so each feeds its own CPU task."""
+class _RemoteShapeWorker:
+    """The actor: a :class:`ShapeWorker`, built on the first call; one Ray object per shape (``num_returns`` =
+    batch size), so each feeds its own CPU task.
 
-    def run_split(self, scene_ids: Sequence[int], codes_BL: np.ndarray | None) -> Any:
-        outs = self.run(scene_ids, codes_BL)
+    Workaround: Ray logs an error line for every actor with ``max_restarts > 0`` whose constructor arguments live
+    in the object store, nested ObjectRefs included (ray-project/ray#53727, Ray 2.60), because a restart fails if
+    they are lost. The decoder's weights (~7 MB, always in the object store) therefore come with each call, as an
+    ObjectRef inside a list that Ray does not resolve, and are fetched once; a restarted actor fetches them again
+    on its next call. Delete when: Ray stops logging that line for arguments the caller keeps alive (then pass
+    the weights to the constructor again).
+    """
+
+    def __init__(self, job: Job, device: str) -> None:
+        self.job, self.device = job, device
+        self.worker: ShapeWorker | None = None
+
+    def run_split(self, decoder_payload: list[Any], scene_ids: Sequence[int], codes_BL: np.ndarray | None) -> Any:
+        if self.worker is None:
+            import ray
+
+            self.worker = ShapeWorker(ray.get(decoder_payload[0]), self.job, self.device)
+        outs = self.worker.run(scene_ids, codes_BL)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
@@ -133,7 +150,7 @@ def run_shapes(job: Job, scenes: Sequence[SceneInfo], decoder_payload: dict[str,
     payload_ref = ray.put(decoder_payload)
     actor_cls = ray.remote(_RemoteShapeWorker).options(num_cpus=cfg.cpus_per_worker, num_gpus=1 if place.use_gpu else 0,
                                                 max_restarts=1, max_task_retries=1)
-    actors: list[Any] = [actor_cls.remote(payload_ref, job, "cuda" if place.use_gpu else "cpu")
+    actors: list[Any] = [actor_cls.remote(job, "cuda" if place.use_gpu else "cpu")
               for _ in range(min(place.num_workers, len(scenes)))]
     finish = ray.remote(finish_shape).options(num_cpus=cfg.cpus_per_mesh_task, max_retries=1)
     # Equal-sized batches (a lone short tail would waste a device step on a handful of shapes).
@@ -153,7 +170,7 @@ def run_shapes(job: Job, scenes: Sequence[SceneInfo], decoder_payload: dict[str,
                     idx = queue.popleft()
                     ids = [scenes[i].scene_id for i in idx]
                     codes = None if codes_NL is None else np.asarray(codes_NL[idx], dtype=np.float32)
-                    refs = actor.run_split.options(num_returns=len(idx)).remote(ids, codes)
+                    refs = actor.run_split.options(num_returns=len(idx)).remote([payload_ref], ids, codes)
                     refs = [refs] if len(idx) == 1 else list(refs)
                     for i, ref in zip(idx, refs):
                         finish_refs[finish.remote(ref, job, scenes[i])] = scenes[i]
