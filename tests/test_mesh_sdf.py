@@ -321,11 +321,11 @@ def test_size_limits_and_other_rejections(tmp_path):
 
 def test_config_validation_lists_every_problem():
     with pytest.raises(ConfigError) as exc:
-        MeshSamplingConfig(num_samples=1, near_variances=(0.005, -1.0), ambiguity_margin=0.5, seed=-1).validate()
+        MeshSamplingConfig(num_samples=1, near_variances=(0.005, -1.0), ambiguity_margin=0.5, seed=-1).checked()
     msg = str(exc.value)
     for key in ("num_samples", "near_variances", "ambiguity_margin", "seed"):
         assert key in msg
     cfg = MeshSamplingConfig(num_samples=1000)
     assert MeshSamplingConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(ConfigError, match="unknown key 'num_sample'"):
+    with pytest.raises(ConfigError, match="`num_sample`: unknown key, did you mean `num_samples`"):
         MeshSamplingConfig.from_dict({"num_sample": 5})

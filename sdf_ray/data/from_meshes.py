@@ -450,8 +450,7 @@ def run_from_meshes(input: str | Path, out: str | Path, split: str | Path | None
     from sdf_ray.data.format import write_dataset
 
     t0 = time.perf_counter()
-    cfg = cfg or MeshSamplingConfig()
-    cfg.validate()
+    cfg = (cfg or MeshSamplingConfig()).checked()
     if max_in_flight is not None and max_in_flight < 1:
         raise UserError(f"max_in_flight must be a positive integer, got {max_in_flight}")
     if not str(out):
