@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sdf_ray.errors import UserError
+from sdf_ray.run_files import TRIALS_SUBDIR
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -47,7 +48,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if plots.is_sweep_dir(path):
         if args.slices:
             raise UserError(f"{path} is a sweep directory: --slices takes a run directory "
-                            f"(for example {path / plots.TRIALS_SUBDIR}/trial-<id>)")
+                            f"(for example {path / TRIALS_SUBDIR}/trial-<id>)")
         written.append(plots.plot_sweep(path))
     elif plots.is_run_dir(path):
         written.append(plots.plot_training(path).path)

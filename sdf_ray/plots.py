@@ -43,7 +43,14 @@ import numpy as np
 
 from sdf_ray.errors import UserError
 from sdf_ray.metrics_log import METRICS_FILE
-from sdf_ray.run_files import RESOLVED_CONFIG_FILE, SUMMARY_FILE
+from sdf_ray.run_files import (
+    RESOLVED_CONFIG_FILE,
+    SUMMARY_FILE,
+    SWEEP_FILE,
+    SWEEP_SUMMARY_FILE,
+    TRIALS_CSV,
+    TRIALS_SUBDIR,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -55,11 +62,6 @@ PLOTS_DIR = "plots"
 TRAINING_PNG = "training.png"
 SWEEP_PNG = "sweep.png"
 SLICES_PNG = "slices.png"
-# The files of a sweep directory (tuning/sweep.py's names; importing tuning.sweep would import Ray).
-TRIALS_CSV = "trials.csv"
-TUNE_SUMMARY = "tune_summary.json"
-SWEEP_RECORD = "sweep.yaml"
-TRIALS_SUBDIR = "trials"
 VALIDATION_METRICS = ("val/sdf_l1", "val/chamfer_l2")
 DPI = 100
 
@@ -573,15 +575,15 @@ def load_sweep(sweep_dir: str | Path) -> Sweep:
         rows = list(csv.DictReader(f))
     if not rows:
         raise UserError(f"{csv_path} lists no trials")
-    summary = _read_json(directory / TUNE_SUMMARY) or {}
+    summary = _read_json(directory / SWEEP_SUMMARY_FILE) or {}
     columns = list(rows[0])
     metric = summary.get("metric") or next((c.removeprefix("last_") for c in columns if c.startswith("last_")), None)
     if not metric:
-        raise UserError(f"{csv_path} has no last_<metric> column and {TUNE_SUMMARY} names no metric")
+        raise UserError(f"{csv_path} has no last_<metric> column and {SWEEP_SUMMARY_FILE} names no metric")
     mode = str(summary.get("mode") or "min")
     kinds: dict[str, str] = {}
     declared: dict[str, tuple[Any, ...]] = {}
-    record_path = directory / SWEEP_RECORD
+    record_path = directory / SWEEP_FILE
     if record_path.exists():
         try:
             space = ((_read_yaml(record_path) or {}).get("search") or {}).get("space") or {}

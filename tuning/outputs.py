@@ -26,15 +26,11 @@ from sdf_ray import config as config_mod
 from sdf_ray.errors import ConfigError
 from sdf_ray.fsutil import write_json_atomic, write_text_atomic
 from sdf_ray.ray_session import tune_trials
-from sdf_ray.run_files import SUMMARY_FILE
+from sdf_ray.run_files import BEST_CONFIG, SUMMARY_FILE, SWEEP_SUMMARY_FILE, TRIALS_CSV, TRIALS_SUBDIR
 from sdf_ray.run_schedule import RunSchedule
 from tuning.search import SearchSpec
 from tuning.stopper import PRUNED_DIVERGED, as_float, finite_float, replay
 
-TRIALS_SUBDIR = "trials"
-TRIALS_CSV = "trials.csv"
-BEST_CONFIG = "best_config.yaml"
-SUMMARY_JSON = "tune_summary.json"
 HEALTHY = ("finished", "pruned_asha", "stopped")
 """Trial statuses that may provide the best config."""
 
@@ -198,7 +194,7 @@ def write_outputs(cfg: config_mod.TrainConfig, spec: SearchSpec, name: str, dire
                        best_metric=best[f"last_{spec.metric}"], best_config=str(best_path))
     else:
         best_path.unlink(missing_ok=True)
-    write_json_atomic(directory / SUMMARY_JSON, summary)
+    write_json_atomic(directory / SWEEP_SUMMARY_FILE, summary)
     return summary
 
 

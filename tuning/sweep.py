@@ -33,15 +33,13 @@ from sdf_ray import config as config_mod
 from sdf_ray import launch
 from sdf_ray.errors import ConfigError
 from sdf_ray.fsutil import write_json_atomic, write_text_atomic
-from sdf_ray.run_files import SUMMARY_FILE
+from sdf_ray.run_files import SUMMARY_FILE, SWEEP_FILE, SWEEP_SUMMARY_FILE, TRIALS_SUBDIR
 from sdf_ray.startup import STARTUP_KEY, TEARDOWN_KEY, StartupClock
-from tuning.outputs import SUMMARY_JSON, TRIALS_SUBDIR, plain, trial_run_name, tune_dir, write_outputs
+from tuning.outputs import plain, trial_run_name, tune_dir, write_outputs
 from tuning.planning import TRAINABLE_RESOURCES, Plan, plan
 from tuning.reaper import LeakedPlacementGroupReaper
 from tuning.search import SearchSpec, tune_param_space
 from tuning.stopper import DivergenceStopper
-
-SWEEP_FILE = "sweep.yaml"
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -169,7 +167,7 @@ def run(cfg: config_mod.TrainConfig, spec: SearchSpec, name: str, *, num_scenes:
     summary = write_outputs(cfg, spec, name, directory, results, stopper.reasons, num_scenes)
     summary["elapsed_s"] = round(time.perf_counter() - started, 1)
     summary.update(throughput(directory / TRIALS_SUBDIR, None if resuming else summary["elapsed_s"]))
-    write_json_atomic(directory / SUMMARY_JSON, summary)
+    write_json_atomic(directory / SWEEP_SUMMARY_FILE, summary)
     return summary
 
 
