@@ -142,7 +142,7 @@ def level_points(spec: GridSpec, stride: int, mask: np.ndarray) -> np.ndarray:
 
 def cell_blocks(spec: GridSpec) -> np.ndarray:
     """Block index (at the final level) of each fine cell along an axis (``N - 1`` cells)."""
-    return np.searchsorted(spec.level_index(spec.final_stride), np.arange(spec.resolution - 1), side="right") - 1
+    return parent_blocks(spec, 1, spec.final_stride)
 
 
 def refined_cells(spec: GridSpec, block_mask: np.ndarray) -> np.ndarray:
