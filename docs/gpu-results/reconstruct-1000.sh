@@ -15,16 +15,7 @@ set -uo pipefail
 W=${W:-/tmp/issue12}
 PY=${PY:-python3}
 MODES=${MODES:-"default reduce-overhead"}
-T_START=$(date +%s.%N)
-now() { date +%s.%N; }
-since() { $PY -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
-section() { echo; echo "=== $* (t=$(since "$T_START") s)"; }
-
-rm -rf "$W"; mkdir -p "$W"
-section "device"
-nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv,noheader
-$PY -c "import torch, ray, skimage; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| ray', ray.__version__, '| skimage', skimage.__version__)"
-nproc; git log -1 --format='commit %h %s' 2>/dev/null || true
+source "$(dirname "$0")/common.sh"
 
 section "data: 256 training shapes; 1,000 held-out shapes in the background"
 $PY -m sdf_ray.cli data synth --out "$W/held-out" --num-scenes 1000 --samples-per-scene 16384 --seed 7 > "$W/synth.log" 2>&1 &

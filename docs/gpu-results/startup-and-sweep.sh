@@ -19,18 +19,9 @@ set -uo pipefail
 BUDGET_S=${BUDGET_S:-500}
 W=${W:-/tmp/issue14}
 PY=${PY:-python3}
-T_START=$(date +%s.%N)
-now() { date +%s.%N; }
-since() { $PY -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
+source "$(dirname "$0")/common.sh"
 left() { $PY -c "import sys; print(max(30, int(float(sys.argv[1]) - (float(sys.argv[3]) - float(sys.argv[2])))))" \
            "$BUDGET_S" "$T_START" "$(now)"; }
-section() { echo; echo "=== $* (t=$(since "$T_START") s)"; }
-
-rm -rf "$W"; mkdir -p "$W"
-section "device"
-nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv,noheader
-$PY -c "import torch, ray; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| ray', ray.__version__)"
-nproc; git log -1 --format='commit %h %s' 2>/dev/null || true
 
 section "data: 512 scenes x 16,384 samples"
 $PY -m sdf_ray.cli data synth --out "$W/d" --num-scenes 512 --samples-per-scene 16384 --seed 0 --surface-samples 0
