@@ -111,3 +111,41 @@ def test_a_packed_sweep_runs_four_quarter_gpu_trials_at_once(ray_session, tiny_d
     windows = [(t["startup_origin_unix"] + t["startup_marks"]["first_step_done"],
                 t["startup_origin_unix"] + t["startup_marks"]["last_step_done"]) for t in trials]
     assert max(start for start, _ in windows) < min(end for _, end in windows), windows
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_two_batches_in_flight_on_cuda_match_one_after_the_other(tmp_path_factory, compile_):
+    """The GPU default of ``reconstruct.batches_in_flight`` (2): two threads of one actor, each on a CUDA stream
+    of its own, against the same batches one after the other on one thread."""
+    import dataclasses
+    import threading
+
+    import numpy as np
+
+    from sdf_ray.shapes.config import from_overrides
+    from sdf_ray.shapes.trained_run import load_trained_run
+    from sdf_ray.shapes.work import Job, ShapeWorker
+    from tests.test_shapes_helpers import FAST, build_shapes_data
+
+    data = build_shapes_data(tmp_path_factory)
+    run = load_trained_run(data.run)
+    cfg = dataclasses.replace(from_overrides(FAST[1::2]), precision="bf16", compile=compile_, shapes_per_batch=2)
+    job = Job("reconstruct", str(tmp_path_factory.mktemp("inflight")), str(data.heldout), cfg,
+              run.config.loss.clamp_dist, run.latent_size)
+    worker = ShapeWorker(run.decoder_payload(), job, "cuda")
+    batches = [[0, 2], [1]]
+    alone = [worker.run(b) for b in batches]
+    together: list = [None, None]
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, worker.run(batches[i]))) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a_batch, t_batch in zip(alone, together):
+        assert t_batch is not None
+        for a, t in zip(a_batch, t_batch):
+            assert a.status == t.status == "ok"
+            np.testing.assert_array_equal(a.code, t.code)
+            assert a.grid is not None and t.grid is not None
+            np.testing.assert_array_equal(a.grid.block_mask, t.grid.block_mask)
+            np.testing.assert_array_equal(a.grid.fine_values, t.grid.fine_values)

@@ -161,6 +161,56 @@ def test_without_ground_truth_shapes_are_meshed_and_the_summary_says_why_no_metr
     assert any("need ground truth" in line for line in lines)
 
 
+def test_batches_in_two_threads_equal_one_after_the_other_and_optimise_in_turn(shapes_data, tmp_path, monkeypatch):
+    """``batches_in_flight: 2`` runs two ``ShapeWorker.run`` calls in threads of one actor: same codes, sdf_l1 and
+    grids as the calls one after the other, and never two optimisations at once."""
+    import threading
+    import time
+
+    import sdf_ray.shapes.reconstruct as rec
+
+    run = load_trained_run(shapes_data.run)
+    cfg = dataclasses.replace(from_overrides(FAST[1::2]), cpus_per_worker=1.0)
+    job = Job("reconstruct", str(tmp_path), str(shapes_data.heldout), cfg, run.config.loss.clamp_dist,
+              run.latent_size)
+    batches = [[0, 2], [1]]
+    with one_thread():
+        worker = ShapeWorker(run.decoder_payload(), job, "cpu")
+        alone = [worker.run(b) for b in batches]
+        inside, most = [0], [0]
+        optimise = rec.reconstruct_codes
+
+        def tracked(*args, **kwargs):
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            time.sleep(0.3)  # long enough for the other thread to arrive
+            try:
+                return optimise(*args, **kwargs)
+            finally:
+                inside[0] -= 1
+
+        monkeypatch.setattr(rec, "reconstruct_codes", tracked)
+        together: list = [None, None]
+
+        def work(i: int) -> None:
+            together[i] = worker.run(batches[i])
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert most[0] == 1
+    for a_batch, t_batch in zip(alone, together):
+        assert t_batch is not None
+        for a, t in zip(a_batch, t_batch):
+            assert (a.scene_id, a.status) == (t.scene_id, t.status)
+            np.testing.assert_array_equal(a.code, t.code)
+            assert a.sdf_l1 == t.sdf_l1
+            assert a.grid is not None and t.grid is not None
+            np.testing.assert_array_equal(a.grid.fine_values, t.grid.fine_values)
+
+
 def test_mesh_mode_takes_the_learned_codes(shapes_data, tmp_path):
     run = load_trained_run(shapes_data.run)
     cfg = from_overrides(FAST[1::2])

@@ -32,7 +32,9 @@ def heldout_with_nan(shapes_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reconstructed(ray_session, shapes_data, heldout_with_nan, tmp_path_factory):
     out = tmp_path_factory.mktemp("rec") / "out"
-    argv = ["reconstruct", "--run", str(shapes_data.run), "--data", str(heldout_with_nan), "--out", str(out), *FAST]
+    # Two batches in flight per actor (the GPU default) on CPU actors: the threaded path, end to end.
+    argv = ["reconstruct", "--run", str(shapes_data.run), "--data", str(heldout_with_nan), "--out", str(out), *FAST,
+            "--set", "reconstruct.batches_in_flight=2", "--set", "reconstruct.shapes_per_batch=1"]
     assert cli(argv) == 0
     return out, argv
 

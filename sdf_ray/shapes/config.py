@@ -98,6 +98,12 @@ class ReconstructConfig:
     """Optimiser actors on GPUs (cuda), on CPUs, or auto: GPUs when the cluster has any."""
     num_workers: NonNegativeInt = 0
     """Optimiser actors; 0: one per GPU of the cluster, or half its CPUs (at least 1) without GPUs."""
+    batches_in_flight: Annotated[int, Interval(0, 4)] = 0
+    """Batches an optimiser actor works on at once (threads of one actor; their optimisations take turns);
+    0: 2 on GPUs, 1 on CPUs. With 2, one batch's host work (loading samples, per-shape level planning, the
+    grids' transfer, handing results to Ray) and its decoding, on a CUDA stream of its own, overlap the next
+    batch's optimisation, so the GPU does not idle between batches. On CPUs a second batch would only compete
+    for the same cores."""
     cpus_per_worker: Annotated[float, Ge(0)] = 1.0
     """CPUs reserved per optimiser actor."""
     cpus_per_mesh_task: PositiveFloat = 1.0

@@ -7,7 +7,10 @@ KD-tree metrics, PLY writing). The two must overlap, and the device must never w
 Mechanism: a pool of long-lived actors (one per GPU; CPU actors without GPUs) each holding the frozen decoder,
 fed batches of scenes from the driver; each batch call returns one object per shape (``num_returns``), and each
 of those feeds a CPU task at once (Ray resolves the argument when the batch finishes, without a round trip
-through the driver). The driver keeps two batches queued per actor (the next is ready the moment a device frees)
+through the driver). A GPU actor works on two batches at once (``reconstruct.batches_in_flight``, threads on
+their own CUDA streams): while one optimises, the other loads its samples, decodes its grids and hands them to
+Ray, work that leaves the GPU idle between batches otherwise. The driver keeps one batch more than that queued
+per actor (the next is ready the moment a device frees)
 and stops feeding actors while too many decoded shapes wait for a CPU (``max_pending_shapes``), which bounds the
 object store. It collects finished shapes with ``ray.wait``, prints progress, and writes nothing but the tables:
 each CPU task writes its shape's mesh and record atomically, so a killed run resumes where it stopped.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -42,7 +46,6 @@ from sdf_ray.shapes.outputs import SceneInfo
 from sdf_ray.shapes.work import Job, ShapeWorker, evaluate_mesh_file, failed_row, finish_shape
 
 log = logging.getLogger("sdf_ray")
-BATCHES_QUEUED_PER_ACTOR = 2
 
 
 @dataclass
@@ -68,12 +71,14 @@ class _RemoteShapeWorker:
     def __init__(self, job: Job, device: str) -> None:
         self.job, self.device = job, device
         self.worker: ShapeWorker | None = None
+        self._building = threading.Lock()  # calls run in threads when batches_in_flight > 1
 
     def run_split(self, decoder_payload: list[Any], scene_ids: Sequence[int], codes_BL: np.ndarray | None) -> Any:
-        if self.worker is None:
-            import ray
+        with self._building:
+            if self.worker is None:
+                import ray
 
-            self.worker = ShapeWorker(ray.get(decoder_payload[0]), self.job, self.device)
+                self.worker = ShapeWorker(ray.get(decoder_payload[0]), self.job, self.device)
         outs = self.worker.run(scene_ids, codes_BL)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
@@ -148,8 +153,10 @@ def run_shapes(job: Job, scenes: Sequence[SceneInfo], decoder_payload: dict[str,
     place = plan_placement(cfg.device, cfg.num_workers, cfg.cpus_per_worker, cfg.cpus_per_mesh_task,
                            ray.cluster_resources())
     payload_ref = ray.put(decoder_payload)
-    actor_cls = ray.remote(_RemoteShapeWorker).options(num_cpus=cfg.cpus_per_worker, num_gpus=1 if place.use_gpu else 0,
-                                                max_restarts=1, max_task_retries=1)
+    in_flight = cfg.batches_in_flight or (2 if place.use_gpu else 1)
+    actor_cls = ray.remote(_RemoteShapeWorker).options(
+        num_cpus=cfg.cpus_per_worker, num_gpus=1 if place.use_gpu else 0, max_restarts=1, max_task_retries=1,
+        max_concurrency=in_flight)
     actors: list[Any] = [actor_cls.remote(job, "cuda" if place.use_gpu else "cpu")
               for _ in range(min(place.num_workers, len(scenes)))]
     finish = ray.remote(finish_shape).options(num_cpus=cfg.cpus_per_mesh_task, max_retries=1)
@@ -166,7 +173,7 @@ def run_shapes(job: Job, scenes: Sequence[SceneInfo], decoder_payload: dict[str,
     try:
         while queue or batch_refs or finish_refs:
             for a, actor in enumerate(actors):
-                while queue and load[a] < BATCHES_QUEUED_PER_ACTOR and decoded_waiting < max_waiting:
+                while queue and load[a] < in_flight + 1 and decoded_waiting < max_waiting:
                     idx = queue.popleft()
                     ids = [scenes[i].scene_id for i in idx]
                     codes = None if codes_NL is None else np.asarray(codes_NL[idx], dtype=np.float32)

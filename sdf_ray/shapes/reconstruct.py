@@ -91,15 +91,12 @@ class SampleBank:
     neg_offset_B: torch.Tensor
     neg_count_B: torch.Tensor
     scene_ids: list[int]
+    sign_counts: list[tuple[int, int]]
+    """Per shape (positive rows, negative rows), on the host: reading them never waits for the device."""
 
     @property
     def num_shapes(self) -> int:
         return len(self.scene_ids)
-
-    def rows(self, b: int) -> torch.Tensor:
-        """All samples of shape ``b`` (its positive rows, then its negative rows)."""
-        start = int(self.pos_offset_B[b])
-        return self.samples_M4[start:start + int(self.pos_count_B[b] + self.neg_count_B[b])]
 
     @staticmethod
     def build(shapes: Sequence[ShapeSamples], device: torch.device | str) -> SampleBank:
@@ -120,7 +117,7 @@ class SampleBank:
             return torch.tensor(v, dtype=torch.int64, device=device)
 
         return SampleBank(samples.to(device, torch.float32), ints(pos_offset), ints(pos_count), ints(neg_offset),
-                          ints(neg_count), [s.scene_id for s in shapes])
+                          ints(neg_count), [s.scene_id for s in shapes], list(zip(pos_count, neg_count)))
 
 
 def shape_key(seed: int, scene_id: int, attempt: int) -> int:
@@ -254,7 +251,7 @@ def reconstruct_codes(decoder: nn.Module, bank: SampleBank, cfg: ReconstructConf
     iterations = [0] * n
     pending: list[int] = []
     for b in range(n):
-        if int(bank.pos_count_B[b]) == 0 or int(bank.neg_count_B[b]) == 0:
+        if min(bank.sign_counts[b]) == 0:
             results[b] = ShapeCode(bank.scene_ids[b], torch.zeros(latent_size), "failed",
                                    "no finite samples with sdf > 0 and with sdf <= 0", float("nan"), 0, 0)
         else:
@@ -292,21 +289,19 @@ def reconstruct_codes(decoder: nn.Module, bank: SampleBank, cfg: ReconstructConf
 def sdf_l1(decoder: nn.Module, bank: SampleBank, codes_BL: torch.Tensor, clamp_dist: float, precision: str,
            points_per_forward: int) -> list[float]:
     """Per shape: mean over ALL its samples of |clamp(f(z, x)) - clamp(s)| at the run's clamp distance (the
-    quantity the loss fits, on every sample rather than a draw)."""
+    quantity the loss fits, on every sample rather than a draw). One host sync for the whole bank."""
     device = bank.samples_M4.device
-    out: list[float] = []
-    for b in range(bank.num_shapes):
-        rows = bank.rows(b)
-        if len(rows) == 0:
-            out.append(float("nan"))
-            continue
+    totals = torch.zeros(bank.num_shapes, dtype=torch.float64, device=device)
+    counts = [sum(c) for c in bank.sign_counts]
+    start = 0
+    for b, count in enumerate(counts):
+        rows = bank.samples_M4[start:start + count]
+        start += count
         code = codes_BL[b].to(device, torch.float32)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for start in range(0, len(rows), points_per_forward):
-            chunk = rows[start:start + points_per_forward]
+        for at in range(0, count, points_per_forward):
+            chunk = rows[at:at + points_per_forward]
             with precision_context(precision, device):
                 pred = decoder(code, chunk[:, :3])
             err = (pred.float().clamp(-clamp_dist, clamp_dist) - chunk[:, 3].clamp(-clamp_dist, clamp_dist)).abs()
-            total += err.sum(dtype=torch.float64)
-        out.append(float(total) / len(rows))
-    return out
+            totals[b] += err.sum(dtype=torch.float64)
+    return [total / count if count else float("nan") for total, count in zip(totals.cpu().tolist(), counts)]

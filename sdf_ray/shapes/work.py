@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,7 +65,13 @@ class ShapeOutput:
 
 
 class ShapeWorker:
-    """The device side: one per GPU (or CPU worker). ``run`` processes a batch of scenes."""
+    """The device side: one per GPU (or CPU worker). ``run`` processes a batch of scenes.
+
+    ``run`` may be called from several threads at once (``reconstruct.batches_in_flight``): each thread works on
+    a CUDA stream of its own, so its host syncs (decoding plans, transfers) wait for its own kernels only, and
+    the optimisations take turns under a lock (two at once would only split the GPU between them, and the
+    second batch's results would come later).
+    """
 
     def __init__(self, decoder_payload: dict[str, Any], job: Job, device: str) -> None:
         import torch
@@ -91,9 +99,28 @@ class ShapeWorker:
                 use_compile_cache(job.compile_cache_dir)
             self.compiled = torch.compile(self.decoder, mode=self.cfg.compile_mode, dynamic=False)
         self.manifest = read_manifest(job.data_path) if job.data_path else None
+        self._optimising = threading.Lock()
+        self._local = threading.local()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the weights are on the default stream; the threads use others
+
+    def _stream(self) -> contextlib.AbstractContextManager[Any]:
+        """This thread's CUDA stream (made on first use), as a context; nothing on CPUs."""
+        import torch
+
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(stream)
 
     def run(self, scene_ids: Sequence[int], codes_BL: np.ndarray | None = None) -> list[ShapeOutput]:
         """Optimise (``reconstruct``) or take ``codes_BL`` (``mesh``), then measure and decode every shape."""
+        with self._stream():
+            return self._run(scene_ids, codes_BL)
+
+    def _run(self, scene_ids: Sequence[int], codes_BL: np.ndarray | None) -> list[ShapeOutput]:
         import torch
 
         from sdf_ray.shapes.decode import decode_sparse_grids
@@ -106,9 +133,14 @@ class ShapeWorker:
                   if job.data_path is not None else None)
         bank = SampleBank.build(shapes, self.device) if shapes is not None else None
         outs: list[ShapeOutput] = []
+        waited = 0.0  # a shape's seconds count its own work, not the wait for its turn on the device
         if job.mode == "reconstruct":
             assert bank is not None and shapes is not None
-            found = reconstruct_codes(self.compiled, bank, cfg, job.clamp_dist, job.latent_size, self.static_batch)
+            t_wait = time.perf_counter()
+            with self._optimising:
+                waited = time.perf_counter() - t_wait
+                found = reconstruct_codes(self.compiled, bank, cfg, job.clamp_dist, job.latent_size,
+                                          self.static_batch)
             for r, s in zip(found, shapes):
                 outs.append(ShapeOutput(r.scene_id, r.status, r.reason, r.code.numpy(), r.loss, r.iterations,
                                         r.attempts, dropped_nan_samples=s.dropped_nan_rows))
@@ -117,7 +149,7 @@ class ShapeWorker:
             for j, sid in enumerate(scene_ids):
                 outs.append(ShapeOutput(sid, "ok", "", np.asarray(codes_BL[j], dtype=np.float32),
                                         dropped_nan_samples=shapes[j].dropped_nan_rows if shapes else 0))
-        t_opt = time.perf_counter() - t0
+        t_opt = time.perf_counter() - t0 - waited
         good = [j for j, o in enumerate(outs) if o.status == "ok"]
         if good:
             codes = torch.from_numpy(np.stack([outs[j].code for j in good])).to(self.device)
