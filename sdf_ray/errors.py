@@ -21,6 +21,22 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def cause_line(exc: BaseException) -> str:
+    """What went wrong at the bottom of a chain of Ray task errors (``RayTaskError.cause``, nested when a failed
+    task's output was another task's argument), as ``Type: first line``; the first line of a RayTaskError
+    itself only names the task and its process."""
+    root, seen = exc, set()
+    while isinstance(getattr(root, "cause", None), BaseException) and id(root) not in seen:
+        seen.add(id(root))
+        root = root.cause  # type: ignore[attr-defined]
+    if root is exc:
+        return first_line(exc)
+    name = type(root).__name__
+    if name.startswith("RayTaskError(") and name.endswith(")"):
+        name = name[len("RayTaskError("):-1]
+    return f"{name}: {first_line(root)}"
+
+
 class UserError(Exception):
     """A problem the user can fix (bad config, bad data, bad arguments): exit code 2, no traceback."""
 

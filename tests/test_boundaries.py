@@ -73,3 +73,14 @@ def test_multi_node_local_storage_is_warned_about():
 
     with pytest.raises(ConfigError, match="is a URI"):
         resolve_paths(C.replace(cfg, "checkpoint.storage_path", "s3://bucket/runs"))
+
+
+def test_a_failed_batch_reports_its_cause_not_the_ray_task_that_carried_it():
+    from ray.exceptions import RayTaskError
+
+    from sdf_ray.errors import cause_line
+
+    actor_error = RayTaskError("_RemoteShapeWorker.run_split", "Traceback ...", RuntimeError("CUDA error: boom\nmore"))
+    carried = RayTaskError("finish_shape", "Traceback ...", actor_error.as_instanceof_cause())
+    assert cause_line(carried.as_instanceof_cause()) == "RuntimeError: CUDA error: boom"
+    assert cause_line(ValueError("plain\nsecond")) == "plain"

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from sdf_ray.errors import ClusterError, first_line
+from sdf_ray.errors import ClusterError, cause_line
 from sdf_ray.shapes.outputs import SceneInfo
 from sdf_ray.shapes.work import Job, ShapeWorker, evaluate_mesh_file, failed_row, finish_shape
 
@@ -199,8 +199,8 @@ def run_shapes(job: Job, scenes: Sequence[SceneInfo], decoder_payload: dict[str,
                 try:
                     row = ray.get(ref)
                 except ray.exceptions.RayError as exc:
-                    log.warning("%s: %s", scene.name, first_line(exc))
-                    row = failed_row(scene, f"error: {first_line(exc)}")
+                    log.warning("%s: %s", scene.name, cause_line(exc))
+                    row = failed_row(scene, f"error: {cause_line(exc)}")
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
@@ -231,7 +231,7 @@ def evaluate_meshes(items: Sequence[tuple[str, SceneInfo]], data_path: str, cfg:
             try:
                 row = ray.get(ref)
             except ray.exceptions.RayError as exc:
-                row = failed_row(scene, f"error: {first_line(exc)}")
+                row = failed_row(scene, f"error: {cause_line(exc)}")
             rows.append(row)
             if on_row is not None:
                 on_row(row)

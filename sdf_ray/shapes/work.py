@@ -70,7 +70,7 @@ class ShapeWorker:
     ``run`` may be called from several threads at once (``reconstruct.batches_in_flight``): each thread works on
     a CUDA stream of its own, so its host syncs (decoding plans, transfers) wait for its own kernels only, and
     the optimisations take turns under a lock (two at once would only split the GPU between them, and the
-    second batch's results would come later).
+    second batch's results would come later). The first batch runs alone.
     """
 
     def __init__(self, decoder_payload: dict[str, Any], job: Job, device: str) -> None:
@@ -100,6 +100,8 @@ class ShapeWorker:
             self.compiled = torch.compile(self.decoder, mode=self.cfg.compile_mode, dynamic=False)
         self.manifest = read_manifest(job.data_path) if job.data_path else None
         self._optimising = threading.Lock()
+        self._first_batch = threading.Lock()
+        self._warm = False
         self._local = threading.local()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the weights are on the default stream; the threads use others
@@ -118,6 +120,14 @@ class ShapeWorker:
     def run(self, scene_ids: Sequence[int], codes_BL: np.ndarray | None = None) -> list[ShapeOutput]:
         """Optimise (``reconstruct``) or take ``codes_BL`` (``mesh``), then measure and decode every shape."""
         with self._stream():
+            if not self._warm:
+                # The first batch runs alone: it compiles (and autotunes) every graph, and torch.compile does not
+                # promise that one thread may compile a function while another runs it.
+                with self._first_batch:
+                    if not self._warm:
+                        outs = self._run(scene_ids, codes_BL)
+                        self._warm = True
+                        return outs
             return self._run(scene_ids, codes_BL)
 
     def _run(self, scene_ids: Sequence[int], codes_BL: np.ndarray | None) -> list[ShapeOutput]:
