@@ -74,3 +74,27 @@ def use_compile_cache(cache_dir: str) -> dict[str, str]:
     for name, sub in zip(COMPILE_CACHE_ENV, ("inductor", "triton")):
         os.environ.setdefault(name, str(Path(cache_dir) / sub))
     return {name: os.environ[name] for name in COMPILE_CACHE_ENV}
+
+
+def compile_module(module: torch.nn.Module, mode: str, dynamic: bool | None = None) -> torch.nn.Module:
+    """``torch.compile`` as every compiled decoder of sdf-ray gets it (training, reconstruction, benches): with the
+    inductor settings this decoder needs (:func:`avoid_inductor_mix_order_reduction`)."""
+    avoid_inductor_mix_order_reduction()
+    compiled: torch.nn.Module = torch.compile(module, mode=mode, dynamic=dynamic)  # type: ignore[assignment]
+    return compiled
+
+
+def avoid_inductor_mix_order_reduction() -> None:
+    """Turn off inductor's mix-order reduction fusion (process-wide: inductor has no per-model switch)
+    unless TORCHINDUCTOR_MIX_ORDER_REDUCTION says otherwise.
+
+    In torch 2.11 it fails to compile this decoder's backward at some batch shapes (training, 16 scenes x 4,096
+    samples: ``AssertionError: 512 v.s. 8192`` in ``MixOrderReduction.get_numel_rnumel``; reconstruction of
+    a tiny decoder, codes-only backward: ``32 v.s. 64``): the per-code (sum over samples) and per-feature
+    (sum over everything) gradient reductions meet in one fusion.
+    """
+    import torch._inductor.config as inductor_config
+
+    if "TORCHINDUCTOR_MIX_ORDER_REDUCTION" not in os.environ and hasattr(inductor_config.triton,
+                                                                        "mix_order_reduction"):
+        inductor_config.triton.mix_order_reduction = False

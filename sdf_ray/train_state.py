@@ -6,7 +6,6 @@ dropout seeding live here because building (and restoring) a state is what sets 
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +15,7 @@ from torch import nn
 
 from sdf_ray.config import TrainConfig
 from sdf_ray.data.sampler import mix_seed, shard_scene_ids
-from sdf_ray.device_settings import resolve_for_device
+from sdf_ray.device_settings import compile_module, resolve_for_device
 from sdf_ray.dist import Collectives
 from sdf_ray.guard import Escalation, GuardCounters, materialise_adam_state
 from sdf_ray.latents import LatentTable, init_latents
@@ -77,8 +76,7 @@ def build_state(cfg: TrainConfig, coll: Collectives, device: torch.device, num_s
             decoder_module, device_ids=[device.index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True)
     if cfg.model.compile:
-        avoid_inductor_mix_order_reduction()
-        decoder = torch.compile(decoder, mode=cfg.model.compile_mode)  # type: ignore[assignment]
+        decoder = compile_module(decoder, cfg.model.compile_mode)
     lrs = group_lrs(cfg.optim, 0)
     optimizer = torch.optim.Adam(
         [{"params": decoder_module.parameters(), "lr": lrs["decoder"], "name": "decoder"},
@@ -96,21 +94,6 @@ def build_state(cfg: TrainConfig, coll: Collectives, device: torch.device, num_s
 def seed_dropout_rng(seed: int, rank: int, step: int) -> None:
     """Each rank's dropout stream (torch's global RNG), a function of (seed, rank, step)."""
     torch.manual_seed(mix_seed(seed, rank, step, DROPOUT_STREAM))
-
-
-def avoid_inductor_mix_order_reduction() -> None:
-    """Turn off inductor's mix-order reduction fusion (process-wide: inductor has no per-model switch)
-    unless TORCHINDUCTOR_MIX_ORDER_REDUCTION says otherwise.
-
-    In torch 2.11 it fails to compile this decoder's backward at some batch shapes (16 scenes x 4,096
-    samples: ``AssertionError: 512 v.s. 8192`` in ``MixOrderReduction.get_numel_rnumel``): the per-code
-    (sum over samples) and per-feature (sum over everything) gradient reductions meet in one fusion.
-    """
-    import torch._inductor.config as inductor_config
-
-    if "TORCHINDUCTOR_MIX_ORDER_REDUCTION" not in os.environ and hasattr(inductor_config.triton,
-                                                                        "mix_order_reduction"):
-        inductor_config.triton.mix_order_reduction = False
 
 
 def precision_context(cfg: TrainConfig, device: torch.device) -> Any:

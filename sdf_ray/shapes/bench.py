@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from sdf_ray import config as config_mod
-from sdf_ray.device_settings import resolve_precision
+from sdf_ray.device_settings import compile_module, resolve_precision
 from sdf_ray.model import DeepSDFDecoder
 from sdf_ray.shapes.config import ReconstructConfig
 from sdf_ray.shapes.decode import decode_shared
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = rng.uniform(-1, 1, size=(250_000, 4)).astype(np.float32)
         shapes.append(ShapeSamples(i, rows[rows[:, 3] > 0], rows[rows[:, 3] <= 0]))
     bank = SampleBank.build(shapes, device)
-    optimised: Any = torch.compile(decoder, mode=args.compile_mode, dynamic=False) if args.compile else decoder
+    optimised: Any = compile_module(decoder, args.compile_mode, dynamic=False) if args.compile else decoder
     static_batch = args.shapes if args.compile else 0  # as the actors do (sdf_ray.shapes.work)
     warm = dataclasses.replace(cfg, num_iterations=3)
     t0 = time.perf_counter()

@@ -93,11 +93,11 @@ class ShapeWorker:
         # per actor, whatever the batch sizes.
         self.static_batch = self.cfg.shapes_per_batch if self.cfg.compile else 0
         if self.cfg.compile:
-            if job.compile_cache_dir:
-                from sdf_ray.device_settings import use_compile_cache
+            from sdf_ray.device_settings import compile_module, use_compile_cache
 
+            if job.compile_cache_dir:
                 use_compile_cache(job.compile_cache_dir)
-            self.compiled = torch.compile(self.decoder, mode=self.cfg.compile_mode, dynamic=False)
+            self.compiled = compile_module(self.decoder, self.cfg.compile_mode, dynamic=False)
         self.manifest = read_manifest(job.data_path) if job.data_path else None
         self._optimising = threading.Lock()
         self._first_batch = threading.Lock()
