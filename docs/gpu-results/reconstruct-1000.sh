@@ -4,6 +4,7 @@
 # compile modes. Everything goes to stdout.
 #
 #   source .gpu/gpu-env.sh; bash docs/gpu-results/reconstruct-1000.sh 2>&1 | tee docs/gpu-results/reconstruct-1000-DATE.txt
+#   (HELDOUT=640 IN_FLIGHT="1 3" MODES="": 640 shapes, once per batches_in_flight value, no bench)
 #
 # 1. data: 256 training shapes and 1,000 held-out shapes (16,384 SDF samples and 30,000 surface points each);
 # 2. a model: sdf_ray/configs/deepsdf.yaml, 400 steps on the 256 shapes (auto: bf16 + compile);
@@ -14,12 +15,14 @@
 set -uo pipefail
 W=${W:-/tmp/issue12}
 PY=${PY:-python3}
-MODES=${MODES:-"default"}
+MODES=${MODES:-"default"}       # compile modes to bench ("" skips the bench)
 REC_TIMEOUT=${REC_TIMEOUT:-330}
+HELDOUT=${HELDOUT:-1000}         # held-out shapes to reconstruct
+IN_FLIGHT=${IN_FLIGHT:-0}        # reconstruct.batches_in_flight values, one reconstruction each (0: the default)
 source "$(dirname "$0")/common.sh"
 
 section "data: 256 training shapes; 1,000 held-out shapes in the background"
-$PY -m sdf_ray.cli data synth --out "$W/held-out" --num-scenes 1000 --samples-per-scene 16384 --seed 7 > "$W/synth.log" 2>&1 &
+$PY -m sdf_ray.cli data synth --out "$W/held-out" --num-scenes "$HELDOUT" --samples-per-scene 16384 --seed 7 > "$W/synth.log" 2>&1 &
 SYNTH=$!
 $PY -m sdf_ray.cli data synth --out "$W/train" --num-scenes 256 --samples-per-scene 16384 --seed 100 --surface-samples 0
 
@@ -39,28 +42,39 @@ for mode in $MODES; do
 done
 echo "fastest: $best_mode ($best s/shape of device time)"
 
-section "reconstruct 1,000 held-out shapes, compile mode $best_mode"
+for in_flight in $IN_FLIGHT; do
+section "reconstruct $HELDOUT held-out shapes, compile mode $best_mode, batches_in_flight $in_flight"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format=csv,noheader,nounits -lms 1000 \
-  > "$W/smi.csv" 2>/dev/null &
+  > "$W/smi-$in_flight.csv" 2>/dev/null &
 SMI=$!
 t0=$(now)
-timeout "$REC_TIMEOUT" $PY -m sdf_ray.cli reconstruct --run "$W/runs/model" --data "$W/held-out" --out "$W/rec" \
-  --set "reconstruct.compile_mode=$best_mode" 2>&1 | grep -v "object store\|socket.cpp"
-code=$?
+# Each console line gets the seconds since the command started (the steady rate below comes from them).
+timeout "$REC_TIMEOUT" $PY -m sdf_ray.cli reconstruct --run "$W/runs/model" --data "$W/held-out" \
+  --out "$W/rec-$in_flight" --set "reconstruct.compile_mode=$best_mode" \
+  --set "reconstruct.batches_in_flight=$in_flight" 2>&1 | grep --line-buffered -v "object store\|socket.cpp" \
+  | while IFS= read -r line; do echo "[$(since "$t0")] $line"; done | tee "$W/rec-$in_flight.log"
+code=${PIPESTATUS[0]}
 kill $SMI 2>/dev/null; wait $SMI 2>/dev/null
 wall=$(since "$t0")
-echo "exit code $code; command wall time $wall s; $($PY -c "import sys; print(f'{float(sys.argv[1]) / 1000:.4f}')" "$wall") s per shape amortised over 1,000"
-$PY - "$W" "$t0" <<'EOF'
-import csv, json, statistics, sys
+echo "exit code $code; command wall time $wall s; $($PY -c "import sys; print(f'{float(sys.argv[1]) / int(sys.argv[2]):.4f}')" "$wall" "$HELDOUT") s per shape amortised over $HELDOUT"
+$PY - "$W" "$in_flight" <<'EOF'
+import csv, json, re, statistics, sys
 from pathlib import Path
-w = Path(sys.argv[1])
-s = json.loads((w / "rec" / "summary.json").read_text()) if (w / "rec" / "summary.json").exists() else {}
-print(json.dumps({k: v for k, v in s.items() if k not in ("metrics",)}, indent=1)[:3000])
-rows = [r for r in csv.reader(open(w / "smi.csv")) if len(r) >= 4]
+w, k = Path(sys.argv[1]), sys.argv[2]
+s = json.loads((w / f"rec-{k}" / "summary.json").read_text()) if (w / f"rec-{k}" / "summary.json").exists() else {}
+print({key: s.get(key) for key in ("counts", "chamfer_l2_x1e3", "seconds", "shapes_per_s")})
+progress = [(float(m.group(1)), int(m.group(2))) for m in
+            re.finditer(r"^\[([0-9.]+)\] reconstruct: (\d+)/", (w / f"rec-{k}.log").read_text(), re.M)]
+first = next(((t, n) for t, n in progress if n > 1), None)
+if first and progress[-1][1] > first[1]:
+    (t1, n1), (t2, n2) = first, progress[-1]
+    print(f"steady: {n2 - n1} shapes in {t2 - t1:.1f} s after the first batch ({n1} shapes at {t1:.1f} s): "
+          f"{(t2 - t1) / (n2 - n1):.4f} s per shape, {(n2 - n1) / (t2 - t1):.2f} shapes/s")
+rows = [r for r in csv.reader(open(w / f"smi-{k}.csv")) if len(r) >= 4]
 if rows:
     util = [float(r[1]) for r in rows]
-    mem = [float(r[2]) for r in rows]
-    print(f"nvidia-smi ({len(rows)} samples): GPU utilisation mean {statistics.mean(util):.0f} %, "
-          f"median {statistics.median(util):.0f} %, memory used max {max(mem) / 1024:.1f} GiB")
+    print(f"nvidia-smi ({len(rows)} samples): GPU utilisation mean {statistics.mean(util):.0f} %, memory used max "
+          f"{max(float(r[2]) for r in rows) / 1024:.1f} GiB; per second: " + " ".join(r[1].strip() for r in rows))
 EOF
+done
 section "done"

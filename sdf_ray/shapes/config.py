@@ -99,18 +99,19 @@ class ReconstructConfig:
     num_workers: NonNegativeInt = 0
     """Optimiser actors; 0: one per GPU of the cluster, or half its CPUs (at least 1) without GPUs."""
     batches_in_flight: Annotated[int, Interval(0, 4)] = 0
-    """Batches an optimiser actor works on at once (threads of one actor; their optimisations take turns);
-    0: 2 on GPUs, 1 on CPUs. With 2, one batch's host work (loading samples, per-shape level planning, the
-    grids' transfer, handing results to Ray) and its decoding, on a CUDA stream of its own, overlap the next
-    batch's optimisation, so the GPU does not idle between batches. On CPUs a second batch would only compete
-    for the same cores."""
+    """Batches an optimiser actor works on at once (threads of one actor, each on a CUDA stream of its own;
+    their optimisations take turns); 0: 3 on GPUs, 1 on CPUs. With 3, one batch optimises while another
+    finishes (decodes its grids, hands them to Ray) and a third loads its samples and waits for its turn, so
+    the GPU does not idle between batches (with 2, a batch slower to finish than the next one to optimise
+    left gaps: docs/performance.md). On CPUs a second batch would only compete for the same cores."""
     cpus_per_worker: Annotated[float, Ge(0)] = 1.0
     """CPUs reserved per optimiser actor."""
     cpus_per_mesh_task: PositiveFloat = 1.0
     """CPUs reserved per meshing/metrics task (marching cubes, metrics, writing)."""
     max_pending_shapes: NonNegativeInt = 0
     """Shapes decoded but not yet meshed, at most (bounds the object store); 0: 4 per meshing slot, at
-    least two batches."""
+    least one batch more than the actors have in flight."""
+
 
     def validate(self) -> Iterator[tuple[str, str]]:
         """Problems between fields (the structurer runs this once the section is built)."""
