@@ -15,7 +15,7 @@
 set -uo pipefail
 W=${W:-/tmp/issue12}
 PY=${PY:-python3}
-MODES=${MODES:-"default"}       # compile modes to bench ("" skips the bench)
+MODES=${MODES-"default"}        # compile modes to bench ("" skips the bench)
 REC_TIMEOUT=${REC_TIMEOUT:-330}
 HELDOUT=${HELDOUT:-1000}         # held-out shapes to reconstruct
 IN_FLIGHT=${IN_FLIGHT:-0}        # reconstruct.batches_in_flight values, one reconstruction each (0: the default)

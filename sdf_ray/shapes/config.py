@@ -100,10 +100,11 @@ class ReconstructConfig:
     """Optimiser actors; 0: one per GPU of the cluster, or half its CPUs (at least 1) without GPUs."""
     batches_in_flight: Annotated[int, Interval(0, 4)] = 0
     """Batches an optimiser actor works on at once (threads of one actor, each on a CUDA stream of its own;
-    their optimisations take turns); 0: 3 on GPUs, 1 on CPUs. With 3, one batch optimises while another
-    finishes (decodes its grids, hands them to Ray) and a third loads its samples and waits for its turn, so
-    the GPU does not idle between batches (with 2, a batch slower to finish than the next one to optimise
-    left gaps: docs/performance.md). On CPUs a second batch would only compete for the same cores."""
+    their optimisations take turns); 0: 2 on GPUs, 1 on CPUs. With 2, one batch loads its samples, decodes
+    its grids and hands them to Ray while the other optimises (on an H200: 0.177 s per shape in steady state
+    against 0.199 with 1, docs/performance.md). 3 lets a third batch load and wait while one finishes and one
+    optimises (for a batch slower to finish than the next one's optimisation; not measured to be faster). On
+    CPUs a second batch would only compete for the same cores."""
     cpus_per_worker: Annotated[float, Ge(0)] = 1.0
     """CPUs reserved per optimiser actor."""
     cpus_per_mesh_task: PositiveFloat = 1.0

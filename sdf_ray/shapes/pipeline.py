@@ -7,10 +7,10 @@ KD-tree metrics, PLY writing). The two must overlap, and the device must never w
 Mechanism: a pool of long-lived actors (one per GPU; CPU actors without GPUs) each holding the frozen decoder,
 fed batches of scenes from the driver; each batch call returns one object per shape (``num_returns``), and each
 of those feeds a CPU task at once (Ray resolves the argument when the batch finishes, without a round trip
-through the driver). A GPU actor works on three batches at once (``reconstruct.batches_in_flight``, threads on
-their own CUDA streams): while one optimises, one finishes (decodes its grids and hands them to Ray) and one
-loads its samples and waits for its turn, work that leaves the GPU idle between batches otherwise. The driver
-keeps one batch more than that queued per actor (the next is ready the moment a thread frees)
+through the driver). A GPU actor works on two batches at once (``reconstruct.batches_in_flight``, threads on
+their own CUDA streams): while one optimises, the other loads its samples, decodes its grids and hands them to
+Ray, work that leaves the GPU idle between batches otherwise. The driver keeps one batch more than that queued
+per actor (the next is ready the moment a thread frees)
 and stops feeding actors while too many decoded shapes wait for a CPU (``max_pending_shapes``), which bounds the
 object store. It collects finished shapes with ``ray.wait``, prints progress, and writes nothing but the tables:
 each CPU task writes its shape's mesh and record atomically, so a killed run resumes where it stopped.
@@ -153,7 +153,7 @@ def run_shapes(job: Job, scenes: Sequence[SceneInfo], decoder_payload: dict[str,
     place = plan_placement(cfg.device, cfg.num_workers, cfg.cpus_per_worker, cfg.cpus_per_mesh_task,
                            ray.cluster_resources())
     payload_ref = ray.put(decoder_payload)
-    in_flight = cfg.batches_in_flight or (3 if place.use_gpu else 1)
+    in_flight = cfg.batches_in_flight or (2 if place.use_gpu else 1)
     actor_cls = ray.remote(_RemoteShapeWorker).options(
         num_cpus=cfg.cpus_per_worker, num_gpus=1 if place.use_gpu else 0, max_restarts=1, max_task_retries=1,
         max_concurrency=in_flight)
