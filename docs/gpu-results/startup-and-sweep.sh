@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14 on one H200: the start-up breakdown of a 40-step job (cold, then warm compile cache) and the efficiency
-# of a packed sweep (16 trials of 1,024 steps at scaling.gpus_per_worker=0.125: 8 at a time) against one uninterrupted run.
+# of a packed sweep (16 trials of 1,024 steps, PACK of them sharing the GPU: scaling.gpus_per_worker=1/PACK, default
+# 8) against one uninterrupted run. PACK=16 runs all 16 at once: one start-up wave instead of two.
 #
 #   source .gpu/gpu-env.sh; bash docs/gpu-results/startup-and-sweep.sh 2>&1 | tee docs/gpu-results/startup-and-sweep-DATE.txt
 #
@@ -17,6 +18,8 @@
 # shared cache (<storage>/.compile-cache).
 set -uo pipefail
 BUDGET_S=${BUDGET_S:-500}
+PACK=${PACK:-8}
+SHARE=$(python3 -c "import sys; print(1 / int(sys.argv[1]))" "$PACK")
 W=${W:-/tmp/issue14}
 PY=${PY:-python3}
 source "$(dirname "$0")/common.sh"
@@ -54,13 +57,13 @@ space:
 scheduler: fifo
 EOF
 BUDGET_SWEEP=$(left)
-section "packed sweep: 16 trials x 1,024 steps at gpus_per_worker 0.125 (budget ${BUDGET_SWEEP} s)"
+section "packed sweep: 16 trials x 1,024 steps at gpus_per_worker $SHARE, $PACK at a time (budget ${BUDGET_SWEEP} s)"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format=csv,noheader,nounits -lms 1000 \
   > "$W/smi.csv" 2>/dev/null &
 SMI_PID=$!
 t0=$(now)
 timeout -s INT -k 30 "$BUDGET_SWEEP" $PY -m sdf_ray.cli tune "${FAST[@]}" "${SWEEP[@]}" \
-  --set scaling.use_gpu=true --set scaling.gpus_per_worker=0.125 --set scaling.gpu_memory_per_worker_gib=8 \
+  --set scaling.use_gpu=true --set "scaling.gpus_per_worker=$SHARE" --set scaling.gpu_memory_per_worker_gib=8 \
   --set "checkpoint.storage_path=$W/runs" --search "$W/packed16.yaml" --name packed16 --overwrite
 code=$?
 t1=$(now)

@@ -113,7 +113,6 @@ class ReconstructConfig:
     """Shapes decoded but not yet meshed, at most (bounds the object store); 0: 4 per meshing slot, at
     least one batch more than the actors have in flight."""
 
-
     def validate(self) -> Iterator[tuple[str, str]]:
         """Problems between fields (the structurer runs this once the section is built)."""
         if not isinstance(self.compile, bool) and self.compile != "auto":  # 1 == True passes the Literal check
