@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_summary(previous)
         return EXIT_OK
     clock.mark("config_checked")
-    where = connect_ray(args.address)
+    where = connect_ray(args.address, import_meanwhile=launch.DRIVER_IMPORTS)
     clock.mark("ray_connected")
     launch.check_cluster_resources(cfg)
     warning = launch.storage_warning(cfg.checkpoint.storage_path, launch.num_alive_nodes())
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, positional=True)
     p.set_defaults(func=cmd_print_config)
 
-    for module in ("sdf_ray.data.commands", "tuning.cli", "sdf_ray.bench", "sdf_ray.shapes.commands", "sdf_ray.plot_command"):
+    for module in ("sdf_ray.data.commands", "tuning.cli", "sdf_ray.bench_command", "sdf_ray.shapes.commands", "sdf_ray.plot_command"):
         importlib.import_module(module).register(sub)
     return parser
 

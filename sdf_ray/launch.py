@@ -19,6 +19,11 @@ from sdf_ray.startup import StartupClock
 RESUMABLE_CHANGES = ("scaling.", "logging.", "debug.", "checkpoint.", "validation.", "optim.num_epochs")
 
 
+DRIVER_IMPORTS = ("torch", "sdf_ray.train_loop")
+"""What ``fit`` imports next in the driver, none of them importing Ray: loaded while Ray starts
+(``connect_ray(..., import_meanwhile=DRIVER_IMPORTS)``)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Storage policy: `sdf-ray train`/`tune` here and cluster/preflight.py (before `ray job submit`) both ask it.
 

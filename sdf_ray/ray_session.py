@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from sdf_ray.errors import ClusterError, first_line
@@ -57,13 +58,20 @@ def job_env_vars(gcs_address: str, *, fast_reports: bool = True) -> dict[str, st
     return env
 
 
-def connect_ray(address: str | None, *, fast_reports: bool = True) -> str:
+def connect_ray(address: str | None, *, fast_reports: bool = True, import_meanwhile: Sequence[str] = ()) -> str:
     """Connect to ``address`` / ``RAY_ADDRESS``, else start an embedded local Ray; returns a description.
 
     ``fast_reports``: Ray Train collects reports every 0.1 s instead of 2 s (see ``HEALTH_CHECK_ENV``); off
-    for Tune sweeps. Problems are ``ClusterError`` (one line, exit 2).
+    for Tune sweeps. ``import_meanwhile``: modules the command needs next (torch: 1.3 s on a 2-core machine),
+    imported in a thread while Ray starts; only modules that do not import Ray, so that the two threads never
+    wait on each other's imports. Problems are ``ClusterError`` (one line, exit 2).
     """
     import ray
+
+    if import_meanwhile:
+        from sdf_ray.startup import import_in_background
+
+        import_in_background(import_meanwhile)
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():

@@ -16,8 +16,11 @@ take is left out and its phase merges with the next one (``data_load+state_build
 
 from __future__ import annotations
 
+import importlib
 import os
+import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 _IMPORTED_AT = time.time()
@@ -191,3 +194,23 @@ def record_remote_marks(marks: dict[str, float]) -> None:
 def remote_marks() -> dict[str, float]:
     """The wall-clock marks the controller delivered to this worker process (``{}`` when it delivered none)."""
     return dict(_REMOTE_MARKS)
+
+
+def import_in_background(modules: Sequence[str]) -> threading.Thread:
+    """Import ``modules`` in a thread, to overlap them with waiting (an embedded Ray's processes starting).
+
+    A later import of one of them in the main thread waits for that module's import lock and finds it loaded. The
+    thread is not a daemon: a command that ends first waits for it rather than exit halfway through an import. A
+    failed import is left for the main thread's own import of that module to report.
+    """
+
+    def run() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:
+                return
+
+    thread = threading.Thread(target=run, name="sdf-ray-imports")
+    thread.start()
+    return thread

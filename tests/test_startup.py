@@ -118,3 +118,26 @@ def test_a_healthy_run_reports_its_startup_and_prints_no_resource_request_traceb
         marks["exit"], abs=1e-3)
     assert "device cpu  precision fp32  compile off" in proc.stdout
     assert "first step done" in proc.stdout and "ray_start" in proc.stdout
+
+
+def test_the_modules_imported_while_ray_starts_do_not_import_ray():
+    """``launch.DRIVER_IMPORTS`` are imported in a thread beside ``ray.init``: one that imported Ray could wait on
+    the main thread's imports while the main thread waits on it."""
+    import subprocess
+    import sys
+
+    from sdf_ray.launch import DRIVER_IMPORTS
+
+    code = f"import importlib, sys; [importlib.import_module(m) for m in {DRIVER_IMPORTS!r}]; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_the_cli_parser_does_not_import_torch():
+    """Every command pays for what building the parser imports (``sdf-ray --help`` included)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from sdf_ray.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

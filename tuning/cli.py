@@ -46,7 +46,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     spec = search.load(args.search, cfg)
     num_scenes = launch.check_dataset(cfg)
     # Ray Train's default health check: see sdf_ray.ray_session.HEALTH_CHECK_ENV and tuning/reaper.py.
-    where = connect_ray(args.address, fast_reports=False)
+    where = connect_ray(args.address, fast_reports=False, import_meanwhile=launch.DRIVER_IMPORTS)
     print(f"sdf-ray tune: {name} on {where}", flush=True)
     summary = sweep.run(cfg, spec, name, num_scenes=num_scenes, overwrite=args.overwrite)
     print(outputs.format_table(spec, summary))

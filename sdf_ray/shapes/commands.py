@@ -75,10 +75,8 @@ def register(subparsers: Any) -> None:
 
 
 def _connect(address: str | None) -> str:
-    try:
-        from sdf_ray.ray_session import connect_ray
-    except ImportError:  # before the Ray session module existed
-        from sdf_ray.cli import connect_ray  # type: ignore[attr-defined,no-redef]
+    from sdf_ray.ray_session import connect_ray
+
     return connect_ray(address, fast_reports=False)
 
 
