@@ -34,7 +34,8 @@ def cause_line(exc: BaseException) -> str:
     name = type(root).__name__
     if name.startswith("RayTaskError(") and name.endswith(")"):
         name = name[len("RayTaskError("):-1]
-    return f"{name}: {first_line(root)}"
+    message = str(root).strip()
+    return f"{name}: {message.splitlines()[0]}" if message else name
 
 
 class UserError(Exception):

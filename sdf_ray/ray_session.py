@@ -68,11 +68,17 @@ def connect_ray(address: str | None, *, fast_reports: bool = True, import_meanwh
     """
     import ray
 
-    if import_meanwhile:
-        from sdf_ray.startup import import_in_background
+    from sdf_ray.startup import BackgroundImports
 
-        import_in_background(import_meanwhile)
+    imports = BackgroundImports(import_meanwhile) if import_meanwhile else None
+    try:
+        return _connect(ray, address, fast_reports)
+    finally:
+        if imports is not None:
+            imports.finish()
 
+
+def _connect(ray: Any, address: str | None, fast_reports: bool) -> str:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         return EXISTING_SESSION

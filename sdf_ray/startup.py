@@ -196,21 +196,30 @@ def remote_marks() -> dict[str, float]:
     return dict(_REMOTE_MARKS)
 
 
-def import_in_background(modules: Sequence[str]) -> threading.Thread:
-    """Import ``modules`` in a thread, to overlap them with waiting (an embedded Ray's processes starting).
+class BackgroundImports:
+    """Modules imported in a thread, to overlap them with waiting (an embedded Ray's processes starting).
 
     A later import of one of them in the main thread waits for that module's import lock and finds it loaded. The
-    thread is not a daemon: a command that ends first waits for it rather than exit halfway through an import. A
-    failed import is left for the main thread's own import of that module to report.
+    thread is not a daemon: a command that ends first waits for it rather than exit halfway through an import.
+    :meth:`finish` waits for the thread and re-raises the first failed import as it happened (a module that fails
+    halfway would otherwise fail again in the main thread, with a different and misleading error).
     """
 
-    def run() -> None:
-        for name in modules:
+    def __init__(self, modules: Sequence[str]) -> None:
+        self.modules = tuple(modules)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sdf-ray-imports")
+        self._thread.start()
+
+    def _run(self) -> None:
+        for name in self.modules:
             try:
                 importlib.import_module(name)
-            except Exception:
+            except BaseException as exc:  # kept for finish(), in the main thread
+                self.error = exc
                 return
 
-    thread = threading.Thread(target=run, name="sdf-ray-imports")
-    thread.start()
-    return thread
+    def finish(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error

@@ -84,3 +84,4 @@ def test_a_failed_batch_reports_its_cause_not_the_ray_task_that_carried_it():
     carried = RayTaskError("finish_shape", "Traceback ...", actor_error.as_instanceof_cause())
     assert cause_line(carried.as_instanceof_cause()) == "RuntimeError: CUDA error: boom"
     assert cause_line(ValueError("plain\nsecond")) == "plain"
+    assert cause_line(RayTaskError("f", "Traceback ...", AssertionError())) == "AssertionError"

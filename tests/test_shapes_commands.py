@@ -266,3 +266,16 @@ def test_defaults_are_the_reference_ones():
     assert (c.num_iterations, c.samples_per_iteration, c.lr, c.init_std, c.code_reg_lambda) == (800, 8000, 5e-3,
                                                                                                 0.01, 1e-4)
     assert (c.mesh_resolution, c.num_metric_points, c.fscore_tau) == (256, 30_000, 0.01)
+
+
+def test_only_errors_that_lose_the_cuda_context_restart_the_optimiser_actor():
+    import torch
+
+    from sdf_ray.shapes.pipeline import is_fatal_device_error
+
+    assert is_fatal_device_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    if hasattr(torch, "AcceleratorError"):
+        assert is_fatal_device_error(torch.AcceleratorError("CUDA error: device-side assert triggered"))
+    assert not is_fatal_device_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_fatal_device_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_fatal_device_error(ValueError("CUDA error: not a RuntimeError"))

@@ -141,3 +141,12 @@ def test_the_cli_parser_does_not_import_torch():
     code = "import sys; from sdf_ray.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_failed_background_import_is_raised_as_it_happened():
+    from sdf_ray.startup import BackgroundImports
+
+    imports = BackgroundImports(["json", "sdf_ray_no_such_module_here"])
+    with pytest.raises(ModuleNotFoundError, match="sdf_ray_no_such_module_here"):
+        imports.finish()
+    BackgroundImports(["json"]).finish()  # a clean one finishes quietly

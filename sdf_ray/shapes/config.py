@@ -104,7 +104,9 @@ class ReconstructConfig:
     its grids and hands them to Ray while the other optimises (on an H200: 0.177 s per shape in steady state
     against 0.199 with 1, docs/performance.md). 3 lets a third batch load and wait while one finishes and one
     optimises (for a batch slower to finish than the next one's optimisation; not measured to be faster). On
-    CPUs a second batch would only compete for the same cores."""
+    CPUs a second batch would only compete for the same cores, and with ``compile_mode: reduce-overhead`` each
+    thread would record CUDA graphs of its own: auto is 1 there. Each batch in flight holds its own device
+    memory (2.6 GiB at 64 shapes of the reference decoder)."""
     cpus_per_worker: Annotated[float, Ge(0)] = 1.0
     """CPUs reserved per optimiser actor."""
     cpus_per_mesh_task: PositiveFloat = 1.0

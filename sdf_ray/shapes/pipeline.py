@@ -31,6 +31,7 @@ Why not the alternatives:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -79,8 +80,31 @@ class _RemoteShapeWorker:
                 import ray
 
                 self.worker = ShapeWorker(ray.get(decoder_payload[0]), self.job, self.device)
-        outs = self.worker.run(scene_ids, codes_BL)
+        try:
+            outs = self.worker.run(scene_ids, codes_BL)
+        except Exception as exc:
+            if is_fatal_device_error(exc):
+                # The CUDA context is lost for every thread of this process, and a live process is never restarted:
+                # end it, so that Ray restarts the actor (max_restarts) and retries its batches (max_task_retries).
+                print(f"[sdf-ray] optimiser actor: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}; "
+                      "restarting the actor", file=sys.stderr, flush=True)
+                os._exit(1)
+            raise
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """A device error after which the process's CUDA context is unusable (an illegal address, a device-side
+    assert, a launch failure), as torch raises it: ``torch.AcceleratorError``, or a RuntimeError naming a CUDA
+    error in older releases. Running out of memory is not one: the context survives it."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and str(exc).lstrip().startswith("CUDA error")
 
 
 def plan_placement(cfg_device: str, num_workers: int, cpus_per_worker: float, cpus_per_mesh_task: float,
@@ -153,7 +177,8 @@ def run_shapes(job: Job, scenes: Sequence[SceneInfo], decoder_payload: dict[str,
     place = plan_placement(cfg.device, cfg.num_workers, cfg.cpus_per_worker, cfg.cpus_per_mesh_task,
                            ray.cluster_resources())
     payload_ref = ray.put(decoder_payload)
-    in_flight = cfg.batches_in_flight or (2 if place.use_gpu else 1)
+    # CUDA graphs (reduce-overhead) are recorded per thread, each with its own memory pool: one batch at a time.
+    in_flight = cfg.batches_in_flight or (2 if place.use_gpu and cfg.compile_mode != "reduce-overhead" else 1)
     actor_cls = ray.remote(_RemoteShapeWorker).options(
         num_cpus=cfg.cpus_per_worker, num_gpus=1 if place.use_gpu else 0, max_restarts=1, max_task_retries=1,
         max_concurrency=in_flight)
