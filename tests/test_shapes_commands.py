@@ -125,6 +125,10 @@ def worked(shapes_data, tmp_path_factory):
 def test_finish_writes_meshes_in_both_frames_metrics_and_the_record_last(worked):
     out, job, scenes, outs, rows = worked
     for o, row, scene in zip(outs, rows, scenes):
+        assert set(row["stages"]) == {"load", "wait", "optimise", "measure", "mesh", "metrics"}
+        assert row["stages"]["optimise"] > 0 and row["stages"]["mesh"] > 0 and row["stages"]["metrics"] > 0
+        assert row["stages"]["wait"] < 1e-3  # one batch on one thread never waits for the device
+        assert sum(row["stages"].values()) == pytest.approx(row["seconds"], rel=0.05)
         assert o.grid is not None and o.status == "ok" and o.iterations == 40
         assert row["status"] == "ok", row["reason"]
         assert np.isfinite(row["chamfer_l2"]) and np.isfinite(row["sdf_l1"]) and 0 <= row["fscore"] <= 1
@@ -201,6 +205,8 @@ def test_batches_in_two_threads_equal_one_after_the_other_and_optimise_in_turn(s
         for t in threads:
             t.join()
     assert most[0] == 1
+    # The batch that came second waited for the other's optimisation (0.3 s at least), and says so.
+    assert max(sum(o.stages["wait"] for o in batch) for batch in together) > 0.25
     for a_batch, t_batch in zip(alone, together):
         assert t_batch is not None
         for a, t in zip(a_batch, t_batch):
@@ -246,6 +252,23 @@ def test_csv_and_summary():
     assert s["chamfer_l2_x1e3"]["median"] == pytest.approx(3.0)
     assert s["metrics"]["normal_consistency"]["count"] == 1
     assert s["shapes_per_s"] == 2.0 and s["dropped_nan_samples"] == 3
+    assert "stages" not in s  # records without stages (evaluate, older runs)
+
+
+def test_summary_adds_up_where_the_time_went():
+    from sdf_ray.shapes.outputs import STAGES, summary_lines
+
+    rows = [{"scene": "a", "status": "ok", "stages": {"load": 0.01, "wait": 0.2, "optimise": 0.14, "measure": 0.02,
+                                                      "mesh": 0.5, "metrics": 0.3}},
+            {"scene": "b", "status": "failed", "stages": {"load": 0.03, "wait": 0.0, "optimise": 0.16}},
+            {"scene": "c", "status": "failed", "reason": "lost with its actor"}]  # no stages: left out
+    s = summarise(rows, seconds=1.0, shapes_this_run=3)
+    assert list(s["stages"]) == list(STAGES)
+    assert s["stages"]["optimise"] == {"per_shape_s": pytest.approx(0.15), "total_s": pytest.approx(0.30)}
+    assert s["stages"]["wait"]["per_shape_s"] == pytest.approx(0.1)
+    assert s["stages"]["mesh"] == {"per_shape_s": pytest.approx(0.25), "total_s": pytest.approx(0.5)}
+    line = next(x for x in summary_lines(s) if "seconds per shape" in x)
+    assert "optimise 0.150" in line and "metrics 0.150" in line
 
 
 def test_job_record_resumes_same_job_and_refuses_another(tmp_path):

@@ -36,6 +36,10 @@ JOB_FILE = "job.json"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 PICTURE_FILE = "reconstructions.png"
+STAGES = ("load", "wait", "optimise", "measure", "mesh", "metrics")
+"""Where a shape's time goes (a record's ``stages``; ``summary.json``'s ``stages``): on its optimiser actor, its
+share of its batch's sample loading, wait for the device (another batch optimising), optimisation, and
+``sdf_l1`` + grid decoding; in its CPU task, marching cubes with the PLY files, and the metrics."""
 CSV_COLUMNS = ("scene", "status", "chamfer_l2", "chamfer_l1", "normal_consistency", "fscore", "sdf_l1",
                "iterations", "seconds")
 SUMMARY_METRICS = ("chamfer_l2", "chamfer_l1", "normal_consistency", "fscore", "sdf_l1")
@@ -190,6 +194,11 @@ def summarise(rows: Sequence[dict[str, Any]], *, seconds: float, shapes_this_run
         "seconds": seconds,
         "shapes_per_s": shapes_this_run / seconds if seconds > 0 else None,
     }
+    stages = [r["stages"] for r in rows if isinstance(r.get("stages"), dict)]
+    if stages:
+        summary["stages"] = {name: {"per_shape_s": statistics.fmean(float(s.get(name, 0.0)) for s in stages),
+                                    "total_s": float(sum(float(s.get(name, 0.0)) for s in stages))}
+                             for name in STAGES}
     summary.update(extra or {})
     return summary
 
@@ -218,6 +227,11 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(f"  sdf_l1: mean {m['sdf_l1']['mean']:.5f}  median {m['sdf_l1']['median']:.5f}")
     if summary.get("dropped_nan_samples"):
         lines.append(f"  dropped {summary['dropped_nan_samples']:,} samples holding NaN")
+    if summary.get("stages"):
+        per = {name: v["per_shape_s"] for name, v in summary["stages"].items()}
+        device = "  ".join(f"{name} {per[name]:.3f}" for name in STAGES[:4])
+        cpu = "  ".join(f"{name} {per[name]:.3f}" for name in STAGES[4:])
+        lines.append(f"  seconds per shape: {device} (optimiser actors) | {cpu} (CPU tasks, in parallel)")
     if summary.get("shapes_per_s"):
         lines.append(f"  {summary['shapes_this_run']} shapes this run in {summary['seconds']:.1f} s "
                      f"({summary['shapes_per_s']:.2f} shapes/s)")

@@ -61,6 +61,9 @@ class ShapeOutput:
     sdf_l1: float = float("nan")
     dropped_nan_samples: int = 0
     seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+    """Seconds by stage (``outputs.STAGES``), this shape's share of its batch: load, wait (for the batch's turn on
+    the device), optimise, measure (``sdf_l1`` and decoding)."""
     grid: SparseGrid | None = field(default=None, repr=False)
 
 
@@ -148,6 +151,7 @@ class ShapeWorker:
         shapes = (load_shape_samples(job.data_path, list(scene_ids), self.manifest)
                   if job.data_path is not None else None)
         bank = SampleBank.build(shapes, self.device) if shapes is not None else None
+        t_load = time.perf_counter() - t0
         outs: list[ShapeOutput] = []
         waited = 0.0  # a shape's seconds count its own work, not the wait for its turn on the device
         if job.mode == "reconstruct":
@@ -181,8 +185,10 @@ class ShapeWorker:
             for j, grid in zip(good, grids):
                 outs[j].grid = grid
                 outs[j].seconds = t_measure / len(good)
+                outs[j].stages["measure"] = t_measure / len(good)
         for o in outs:
             o.seconds += t_opt / len(outs)
+            o.stages.update(load=t_load / len(outs), wait=waited / len(outs), optimise=(t_opt - t_load) / len(outs))
         return outs
 
 
@@ -222,6 +228,7 @@ def finish_shape(out: ShapeOutput, job: Job, scene: SceneInfo) -> dict[str, Any]
     out_dir = Path(job.out_dir)
     common: dict[str, Any] = {"iterations": out.iterations, "attempts": out.attempts, "loss": out.loss, "sdf_l1": out.sdf_l1,
               "dropped_nan_samples": out.dropped_nan_samples, "code": [float(v) for v in out.code]}
+    stages = dict(out.stages)
     if out.status != "ok" or out.grid is None:
         row = _row(scene, "failed", out.reason or "no grid was decoded", **common)
     else:
@@ -235,9 +242,13 @@ def finish_shape(out: ShapeOutput, job: Job, scene: SceneInfo) -> dict[str, Any]
             if job.cfg.write_original_frame and not is_identity(scene.normalization):
                 write_ply(mesh_path(out_dir, scene.name, original=True),
                           to_original(mesh.verts_V3.astype(np.float64), scene.normalization), mesh.faces_F3)
-            row = _row(scene, "ok", mesh=str(path.relative_to(out_dir)), **common,
-                       **_metrics(mesh, scene, job.data_path, job.cfg))
+            t_mesh = time.perf_counter()
+            metrics = _metrics(mesh, scene, job.data_path, job.cfg)
+            stages["metrics"] = time.perf_counter() - t_mesh
+            row = _row(scene, "ok", mesh=str(path.relative_to(out_dir)), **common, **metrics)
+        stages["mesh"] = time.perf_counter() - t0 - stages.get("metrics", 0.0)  # marching cubes, PLY files
     row["seconds"] = out.seconds + (time.perf_counter() - t0)
+    row["stages"] = stages
     write_result(out_dir, row)
     return row
 
