@@ -62,7 +62,7 @@ import csv, json, re, statistics, sys
 from pathlib import Path
 w, k = Path(sys.argv[1]), sys.argv[2]
 s = json.loads((w / f"rec-{k}" / "summary.json").read_text()) if (w / f"rec-{k}" / "summary.json").exists() else {}
-print({key: s.get(key) for key in ("counts", "chamfer_l2_x1e3", "seconds", "shapes_per_s")})
+print({key: s.get(key) for key in ("counts", "chamfer_l2_x1e3", "seconds", "shapes_per_s", "stages")})
 progress = [(float(m.group(1)), int(m.group(2))) for m in
             re.finditer(r"^\[([0-9.]+)\] reconstruct: (\d+)/", (w / f"rec-{k}.log").read_text(), re.M)]
 first = next(((t, n) for t, n in progress if n > 1), None)
