@@ -37,7 +37,6 @@ from sdf_ray.shapes.config import ReconstructConfig
 from sdf_ray.shapes.decode import decode_sparse_grids
 from sdf_ray.shapes.ground_truth import GroundTruth, load_ground_truth
 from sdf_ray.shapes.meshing import GridSpec, extract_mesh
-from sdf_ray.shapes.metrics import mesh_metrics
 from sdf_ray.shapes.reconstruct import SampleBank, reconstruct_codes, sdf_l1
 from sdf_ray.shapes.samples import load_shape_samples
 
@@ -169,6 +168,10 @@ class Validator:
             if meshed.mesh is None:
                 local["failed"] += 1
                 continue
+            # Here, not at the top: the metrics import scipy.spatial (~0.3 s), which every worker would pay at
+            # start-up (the training function imports this module) for a feature most runs do not use.
+            from sdf_ray.shapes.metrics import mesh_metrics
+
             m = mesh_metrics(meshed.mesh, gt.points_M3, gt.normals_M3, gt.normalization,
                              num_points=s.num_metric_points, seed=s.metric_seed)
             local["chamfer_l2"] += m.chamfer_l2

@@ -150,3 +150,14 @@ def test_a_failed_background_import_is_raised_as_it_happened():
     with pytest.raises(ModuleNotFoundError, match="sdf_ray_no_such_module_here"):
         imports.finish()
     BackgroundImports(["json"]).finish()  # a clean one finishes quietly
+
+
+def test_the_training_function_module_leaves_optional_heavy_imports_for_later():
+    """Every worker imports ``sdf_ray.worker`` at start-up; the metrics of validation meshes (scipy.spatial) load
+    only when a validation measures a mesh."""
+    import subprocess
+    import sys
+
+    code = "import sys, sdf_ray.worker; print('scipy.spatial' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
