@@ -32,7 +32,6 @@ from sdf_ray.train_loop import run_training
 log = logging.getLogger("sdf_ray")
 
 
-
 def count_worker_group_start(run_dir: Path) -> int:
     """Rank 0 counts worker-group starts in this ``fit()`` (the driver resets the file); returns restarts."""
     path = run_dir / WORKER_GROUP_STARTS_FILE

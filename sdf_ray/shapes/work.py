@@ -60,7 +60,6 @@ class ShapeOutput:
     attempts: int = 0
     sdf_l1: float = float("nan")
     dropped_nan_samples: int = 0
-    seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
     """Seconds by stage (``outputs.STAGES``), this shape's share of its batch: load, wait (for the batch's turn on
     the device), optimise, measure (``sdf_l1`` and decoding)."""
@@ -153,14 +152,16 @@ class ShapeWorker:
         bank = SampleBank.build(shapes, self.device) if shapes is not None else None
         t_load = time.perf_counter() - t0
         outs: list[ShapeOutput] = []
-        waited = 0.0  # a shape's seconds count its own work, not the wait for its turn on the device
+        waited = optimised = 0.0
         if job.mode == "reconstruct":
             assert bank is not None and shapes is not None
             t_wait = time.perf_counter()
             with self._optimising:
-                waited = time.perf_counter() - t_wait
+                t_start = time.perf_counter()
+                waited = t_start - t_wait
                 found = reconstruct_codes(self.compiled, bank, cfg, job.clamp_dist, job.latent_size,
                                           self.static_batch)
+                optimised = time.perf_counter() - t_start
             for r, s in zip(found, shapes):
                 outs.append(ShapeOutput(r.scene_id, r.status, r.reason, r.code.numpy(), r.loss, r.iterations,
                                         r.attempts, dropped_nan_samples=s.dropped_nan_rows))
@@ -169,7 +170,6 @@ class ShapeWorker:
             for j, sid in enumerate(scene_ids):
                 outs.append(ShapeOutput(sid, "ok", "", np.asarray(codes_BL[j], dtype=np.float32),
                                         dropped_nan_samples=shapes[j].dropped_nan_rows if shapes else 0))
-        t_opt = time.perf_counter() - t0 - waited
         good = [j for j, o in enumerate(outs) if o.status == "ok"]
         if good:
             t1 = time.perf_counter()
@@ -184,11 +184,9 @@ class ShapeWorker:
             t_measure = time.perf_counter() - t1  # sdf_l1 and the grids
             for j, grid in zip(good, grids):
                 outs[j].grid = grid
-                outs[j].seconds = t_measure / len(good)
                 outs[j].stages["measure"] = t_measure / len(good)
         for o in outs:
-            o.seconds += t_opt / len(outs)
-            o.stages.update(load=t_load / len(outs), wait=waited / len(outs), optimise=(t_opt - t_load) / len(outs))
+            o.stages.update(load=t_load / len(outs), wait=waited / len(outs), optimise=optimised / len(outs))
         return outs
 
 
@@ -247,8 +245,8 @@ def finish_shape(out: ShapeOutput, job: Job, scene: SceneInfo) -> dict[str, Any]
             stages["metrics"] = time.perf_counter() - t_mesh
             row = _row(scene, "ok", mesh=str(path.relative_to(out_dir)), **common, **metrics)
         stages["mesh"] = time.perf_counter() - t0 - stages.get("metrics", 0.0)  # marching cubes, PLY files
-    row["seconds"] = out.seconds + (time.perf_counter() - t0)
     row["stages"] = stages
+    row["seconds"] = sum(v for name, v in stages.items() if name != "wait")  # its own work, not its wait
     write_result(out_dir, row)
     return row
 
