@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 14 on one H200: the start-up breakdown of a 40-step job (cold, then warm compile cache) and the efficiency
 # of a packed sweep (16 trials of 1,024 steps, PACK of them sharing the GPU: scaling.gpus_per_worker=1/PACK, default
-# 8) against one uninterrupted run. PACK=16 runs all 16 at once: one start-up wave instead of two.
+# 8) against one uninterrupted run. PACK=16 runs all 16 at once: one start-up wave instead of two. SCENES_PER_STEP
+# (default 16) sets the trials' step: 16 scenes x 16,384 samples = 262,144 samples.
 #
 #   source .gpu/gpu-env.sh; bash docs/gpu-results/startup-and-sweep.sh 2>&1 | tee docs/gpu-results/startup-and-sweep-DATE.txt
 #
@@ -41,9 +42,11 @@ for run in $JOB40_RUNS; do
   cp "$W/runs/job40/summary.json" "$W/job40-$run.json" 2>/dev/null
 done
 
-SWEEP=(--set data.scenes_per_step=16 --set optim.num_epochs=32 --set logging.every_n_steps=128
-       --set checkpoint.every_n_epochs=32 --set scaling.num_workers=1)
-section "single uninterrupted run: 1,024 steps x 262,144 samples, a whole GPU"
+SCENES_PER_STEP=${SCENES_PER_STEP:-16}  # x 16,384 samples per step; 32 gives 524,288 (half the reference step)
+EPOCHS=$((1024 * SCENES_PER_STEP / 512))  # 1,024 steps over the 512 scenes
+SWEEP=(--set "data.scenes_per_step=$SCENES_PER_STEP" --set "optim.num_epochs=$EPOCHS" --set logging.every_n_steps=128
+       --set "checkpoint.every_n_epochs=$EPOCHS" --set scaling.num_workers=1)
+section "single uninterrupted run: 1,024 steps x $SCENES_PER_STEP scenes x 16,384 samples, a whole GPU"
 t0=$(now)
 timeout 200 $PY -m sdf_ray.cli train "${FAST[@]}" "${SWEEP[@]}" --set "checkpoint.storage_path=$W/runs" \
   --set checkpoint.run_name=single-1024 --overwrite
@@ -57,7 +60,7 @@ space:
 scheduler: fifo
 EOF
 BUDGET_SWEEP=$(left)
-section "packed sweep: 16 trials x 1,024 steps at gpus_per_worker $SHARE, $PACK at a time (budget ${BUDGET_SWEEP} s)"
+section "packed sweep: 16 trials x 1,024 steps x $SCENES_PER_STEP scenes at gpus_per_worker $SHARE, $PACK at a time (budget ${BUDGET_SWEEP} s)"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format=csv,noheader,nounits -lms 1000 \
   > "$W/smi.csv" 2>/dev/null &
 SMI_PID=$!
