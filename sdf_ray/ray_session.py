@@ -249,7 +249,7 @@ def _start_embedded_ray(fast_reports: bool) -> str:
 # ready; Ray Train has no public hook at those moments. If Ray's private names move, the plain TorchConfig is used
 # (torch in the controller again; the breakdown merges those phases into the next one).
 # Delete when: Ray Train's torch backend config no longer imports torch where it is unpickled, and reports
-# worker-group start-up timings. Check: tests/test_ray_session.py's controller-import test.
+# worker-group start-up timings. Check: tests/test_startup.py's controller-import test.
 
 
 def _init_torch_process_group(addr: str, port: int, backend: str, rank: int, world_size: int,
@@ -329,8 +329,7 @@ def train_backend_config(backend: str) -> Any:
     @dataclasses.dataclass
     class TorchConfigOffController(BackendConfig):  # type: ignore[misc, valid-type]
         backend: str | None = None
-        init_method: str = "env"
-        timeout_s: int = 1800
+        timeout_s: int = 1800  # Ray's default; the process group is always set up from the environment ("env://")
 
         @property
         def backend_cls(self) -> type:
@@ -345,7 +344,7 @@ def train_backend_config(backend: str) -> Any:
             return TrainingFramework.TORCH
 
         def to_dict(self) -> dict[str, Any]:
-            return {"backend": self.backend, "init_method": self.init_method, "timeout_s": self.timeout_s}
+            return {"backend": self.backend, "init_method": "env", "timeout_s": self.timeout_s}
 
     return TorchConfigOffController(backend=backend)
 

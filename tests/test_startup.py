@@ -174,7 +174,7 @@ def test_ray_trains_controller_can_use_the_backend_config_without_importing_torc
     from sdf_ray.ray_session import train_backend_config
 
     config = train_backend_config("gloo")
-    assert config.backend == "gloo" and config.init_method == "env"
+    assert config.to_dict() == {"backend": "gloo", "init_method": "env", "timeout_s": 1800}
     code = ("import sys; from ray import cloudpickle; config = cloudpickle.loads(sys.stdin.buffer.read()); "
             "backend = config.backend_cls(); print(config.framework, backend.share_cuda_visible_devices, "
             "'torch' in sys.modules)")
