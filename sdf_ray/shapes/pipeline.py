@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from sdf_ray.errors import ClusterError, cause_line
+from sdf_ray.errors import ClusterError, cause_line, first_line
 from sdf_ray.shapes.outputs import SceneInfo
 from sdf_ray.shapes.work import Job, ShapeWorker, evaluate_mesh_file, failed_row, finish_shape
 
@@ -86,7 +86,7 @@ class _RemoteShapeWorker:
             if is_fatal_device_error(exc):
                 # The CUDA context is lost for every thread of this process, and a live process is never restarted:
                 # end it, so that Ray restarts the actor (max_restarts) and retries its batches (max_task_retries).
-                print(f"[sdf-ray] optimiser actor: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}; "
+                print(f"[sdf-ray] optimiser actor: {type(exc).__name__}: {first_line(exc)}; "
                       "restarting the actor", file=sys.stderr, flush=True)
                 os._exit(1)
             raise
