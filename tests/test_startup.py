@@ -123,9 +123,6 @@ def test_a_healthy_run_reports_its_startup_and_prints_no_resource_request_traceb
 def test_the_modules_imported_while_ray_starts_do_not_import_ray():
     """``launch.DRIVER_IMPORTS`` are imported in a thread beside ``ray.init``: one that imported Ray could wait on
     the main thread's imports while the main thread waits on it."""
-    import subprocess
-    import sys
-
     from sdf_ray.launch import DRIVER_IMPORTS
 
     code = f"import importlib, sys; [importlib.import_module(m) for m in {DRIVER_IMPORTS!r}]; print('ray' in sys.modules)"
@@ -135,9 +132,6 @@ def test_the_modules_imported_while_ray_starts_do_not_import_ray():
 
 def test_the_cli_parser_does_not_import_torch():
     """Every command pays for what building the parser imports (``sdf-ray --help`` included)."""
-    import subprocess
-    import sys
-
     code = "import sys; from sdf_ray.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -155,9 +149,6 @@ def test_a_failed_background_import_is_raised_as_it_happened():
 def test_the_training_function_module_leaves_optional_heavy_imports_for_later():
     """Every worker imports ``sdf_ray.worker`` at start-up; the metrics of validation meshes (scipy.spatial) load
     only when a validation measures a mesh."""
-    import subprocess
-    import sys
-
     code = "import sys, sdf_ray.worker; print('scipy.spatial' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -166,9 +157,6 @@ def test_the_training_function_module_leaves_optional_heavy_imports_for_later():
 def test_ray_trains_controller_can_use_the_backend_config_without_importing_torch():
     """Ray Train's controller unpickles the backend config, builds its backend and reads its framework; with
     Ray's TorchConfig that imported torch there (7-8 s in a fresh process on the H200 machine)."""
-    import subprocess
-    import sys
-
     from ray import cloudpickle
 
     from sdf_ray.ray_session import train_backend_config
