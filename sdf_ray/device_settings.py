@@ -13,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from sdf_ray.config import TrainConfig
 from sdf_ray.shapes.config import Precision, ReconstructConfig
+
+T = TypeVar("T")
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -76,11 +79,12 @@ def use_compile_cache(cache_dir: str) -> dict[str, str]:
     return {name: os.environ[name] for name in COMPILE_CACHE_ENV}
 
 
-def compile_module(module: torch.nn.Module, mode: str, dynamic: bool | None = None) -> torch.nn.Module:
-    """``torch.compile`` as every compiled decoder of sdf-ray gets it (training, reconstruction, benches): with the
-    inductor settings this decoder needs (:func:`avoid_inductor_mix_order_reduction`)."""
+def compile_module(module: T, mode: str, dynamic: bool | None = None) -> T:
+    """``torch.compile`` as every compiled decoder (or reconstruction step) of sdf-ray gets it (training,
+    reconstruction, benches): with the inductor settings this decoder needs
+    (:func:`avoid_inductor_mix_order_reduction`)."""
     avoid_inductor_mix_order_reduction()
-    compiled: torch.nn.Module = torch.compile(module, mode=mode, dynamic=dynamic)  # type: ignore[assignment]
+    compiled: T = torch.compile(module, mode=mode, dynamic=dynamic)  # type: ignore[assignment,call-overload]
     return compiled
 
 

@@ -4,7 +4,9 @@
 # compile modes. Everything goes to stdout.
 #
 #   source .gpu/gpu-env.sh; bash docs/gpu-results/reconstruct-1000.sh 2>&1 | tee docs/gpu-results/reconstruct-1000-DATE.txt
-#   (HELDOUT=640 IN_FLIGHT="1 3" MODES="": 640 shapes, once per batches_in_flight value, no bench)
+#   (HELDOUT=640 IN_FLIGHT="1 3" MODES="": 640 shapes, once per batches_in_flight value, no bench;
+#    FIDELITY=128: then 128 other held-out shapes through the hand-written code gradient and through autograd with
+#    the same seeds, and through the hand-written one with another seed, compared per shape)
 #
 # 1. data: 256 training shapes and 1,000 held-out shapes (16,384 SDF samples and 30,000 surface points each);
 # 2. a model: sdf_ray/configs/deepsdf.yaml, 400 steps on the 256 shapes (auto: bf16 + compile);
@@ -19,10 +21,13 @@ MODES=${MODES-"default"}        # compile modes to bench ("" skips the bench)
 REC_TIMEOUT=${REC_TIMEOUT:-330}
 HELDOUT=${HELDOUT:-1000}         # held-out shapes to reconstruct
 IN_FLIGHT=${IN_FLIGHT:-0}        # reconstruct.batches_in_flight values, one reconstruction each (0: the default)
+FIDELITY=${FIDELITY:-0}          # >0: that many other held-out shapes reconstructed three times (see below)
 source "$(dirname "$0")/common.sh"
 
 section "data: 256 training shapes; 1,000 held-out shapes in the background"
-$PY -m sdf_ray.cli data synth --out "$W/held-out" --num-scenes "$HELDOUT" --samples-per-scene 16384 --seed 7 > "$W/synth.log" 2>&1 &
+( $PY -m sdf_ray.cli data synth --out "$W/held-out" --num-scenes "$HELDOUT" --samples-per-scene 16384 --seed 7
+  [ "$FIDELITY" -gt 0 ] && $PY -m sdf_ray.cli data synth --out "$W/fidelity" --num-scenes "$FIDELITY" \
+    --samples-per-scene 16384 --seed 8 ) > "$W/synth.log" 2>&1 &
 SYNTH=$!
 $PY -m sdf_ray.cli data synth --out "$W/train" --num-scenes 256 --samples-per-scene 16384 --seed 100 --surface-samples 0
 
@@ -77,4 +82,37 @@ if rows:
           f"{max(float(r[2]) for r in rows) / 1024:.1f} GiB; per second: " + " ".join(r[1].strip() for r in rows))
 EOF
 done
+# The code gradient's fidelity: the same shapes and seeds through the hand-written backward and through autograd,
+# against the run-to-run noise (the hand-written one with another reconstruct.seed), per shape, paired.
+if [ "$FIDELITY" -gt 0 ]; then
+  for variant in "hand-written 0" "autograd 0" "hand-written 1"; do
+    set -- $variant
+    section "fidelity: $FIDELITY held-out shapes, code_gradient $1, seed $2"
+    t0=$(now)
+    timeout 150 $PY -m sdf_ray.cli reconstruct --run "$W/runs/model" --data "$W/fidelity" --out "$W/fid-$1-$2" \
+      --set "reconstruct.code_gradient=$1" --set "reconstruct.seed=$2" 2>&1 | grep -v "object store\|socket.cpp" | tail -4
+    echo "exit code ${PIPESTATUS[0]}; command wall time $(since "$t0") s"
+  done
+  $PY - "$W" <<'EOF'
+import csv, statistics, sys
+from pathlib import Path
+w = Path(sys.argv[1])
+def read(name):
+    return {r["scene"]: float(r["chamfer_l2"]) for r in csv.DictReader(open(w / name / "metrics.csv"))
+            if r["status"] == "ok" and r["chamfer_l2"] not in ("", "nan")}
+hw, ag, hw1 = read("fid-hand-written-0"), read("fid-autograd-0"), read("fid-hand-written-1")
+for name, m in (("hand-written seed 0", hw), ("autograd seed 0", ag), ("hand-written seed 1", hw1)):
+    v = list(m.values())
+    print(f"{name}: {len(v)} shapes ok, chamfer_l2 x 1e3 mean {1e3 * statistics.mean(v):.4f} median {1e3 * statistics.median(v):.4f}")
+def paired(a, b):
+    common = sorted(set(a) & set(b))
+    rel = [abs(a[k] - b[k]) / max(a[k], b[k]) for k in common]
+    mean_a = statistics.mean(a[k] for k in common); mean_b = statistics.mean(b[k] for k in common)
+    return len(common), statistics.median(rel), statistics.mean(rel), (mean_a - mean_b) / mean_b
+for label, a, b in (("hand-written vs autograd (same seeds)", hw, ag), ("seed 0 vs seed 1 (hand-written: the noise)", hw, hw1)):
+    n, med, mean, shift = paired(a, b)
+    print(f"{label}: {n} shapes; per-shape |relative difference| median {med:.3%} mean {mean:.3%}; mean chamfer shift {shift:+.3%}")
+EOF
+fi
+
 section "done"

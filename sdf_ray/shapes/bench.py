@@ -15,18 +15,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from typing import Any
 
 import numpy as np
 import torch
 
 from sdf_ray import config as config_mod
-from sdf_ray.device_settings import compile_module, resolve_precision
+from sdf_ray.device_settings import resolve_precision
 from sdf_ray.model import DeepSDFDecoder
 from sdf_ray.shapes.config import ReconstructConfig
 from sdf_ray.shapes.decode import decode_shared
 from sdf_ray.shapes.meshing import GridSpec, coarse_points, decode_grid, extract_mesh
-from sdf_ray.shapes.reconstruct import SampleBank, freeze, reconstruct_codes
+from sdf_ray.shapes.reconstruct import SampleBank, freeze, prepare, reconstruct_codes
 from sdf_ray.shapes.samples import ShapeSamples
 
 
@@ -47,12 +46,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (optimisation and decoding)")
     p.add_argument("--compile-mode", default="default",
                    choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead"))
+    p.add_argument("--code-gradient", default="hand-written", choices=("hand-written", "autograd"),
+                   help="reconstruct.code_gradient")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.precision = resolve_precision(args.precision, device)
     cfg = dataclasses.replace(ReconstructConfig(), num_iterations=args.iterations, samples_per_iteration=args.samples,
-                              precision=args.precision, mesh_resolution=args.resolution)
+                              precision=args.precision, mesh_resolution=args.resolution,
+                              code_gradient=args.code_gradient, compile_mode=args.compile_mode)
     decoder = freeze(DeepSDFDecoder(config_mod.TrainConfig().model).to(device))
     rng = np.random.default_rng(0)
     shapes = []
@@ -60,21 +62,21 @@ def main(argv: list[str] | None = None) -> None:
         rows = rng.uniform(-1, 1, size=(250_000, 4)).astype(np.float32)
         shapes.append(ShapeSamples(i, rows[rows[:, 3] > 0], rows[rows[:, 3] <= 0]))
     bank = SampleBank.build(shapes, device)
-    optimised: Any = compile_module(decoder, args.compile_mode, dynamic=False) if args.compile else decoder
+    prepared = prepare(decoder, cfg, 0.1, compile=args.compile)
     static_batch = args.shapes if args.compile else 0  # as the actors do (sdf_ray.shapes.work)
     warm = dataclasses.replace(cfg, num_iterations=3)
     t0 = time.perf_counter()
-    reconstruct_codes(optimised, bank, warm, 0.1, 256, static_batch)
+    reconstruct_codes(prepared.step, bank, warm, 0.1, 256, static_batch)
     _sync(device)
     print(f"warm-up (3 iterations{', compiling' if args.compile else ''}): {time.perf_counter() - t0:.1f} s")
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    codes = reconstruct_codes(optimised, bank, cfg, 0.1, 256, static_batch)
+    codes = reconstruct_codes(prepared.step, bank, cfg, 0.1, 256, static_batch)
     _sync(device)
     t_opt = time.perf_counter() - t0
-    print(f"optimise: {args.shapes} shapes x {args.iterations} it x {args.samples} samples ({args.precision}{f', compiled {args.compile_mode}' if args.compile else ''}) "
+    print(f"optimise: {args.shapes} shapes x {args.iterations} it x {args.samples} samples ({args.precision}, {args.code_gradient}{f', compiled {args.compile_mode}' if args.compile else ''}) "
           f"{t_opt:.2f} s = {t_opt / args.shapes:.4f} s/shape, {args.shapes / t_opt:.1f} shapes/s", flush=True)
 
     from sdf_ray.data.synth import synth_shape
@@ -99,11 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     fine_shapes = min(8, len(all_codes))
     for _ in range(2):
         t1 = time.perf_counter()
-        decode_shared(optimised, all_codes, coarse_xyz, cfg.precision, cfg.points_per_forward, pad)
+        decode_shared(prepared.decode, all_codes, coarse_xyz, cfg.precision, cfg.points_per_forward, pad)
         _sync(device)
         t2 = time.perf_counter()
         for code in all_codes[:fine_shapes]:
-            decode_shared(optimised, code[None], xyz, cfg.precision, fine_chunk, pad)
+            decode_shared(prepared.decode, code[None], xyz, cfg.precision, fine_chunk, pad)
         _sync(device)
         t3 = time.perf_counter()
     t_coarse = (t2 - t1) / len(all_codes)

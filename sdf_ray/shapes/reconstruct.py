@@ -19,7 +19,7 @@ reference takes a random contiguous window of each sign's rows (random only beca
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -151,6 +151,69 @@ def draw_samples(bank: SampleBank, rows_B: torch.Tensor, keys_B: torch.Tensor, i
     return picked[..., :3], picked[..., 3]
 
 
+CodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""(codes ``[B, L]`` fp32, xyz ``[B, S, 3]``, sdf ``[B, S]``) -> (per-shape loss ``[B]``, its gradient ``[B, L]``)."""
+
+
+def code_step(model: nn.Module | CodeStep, cfg: ReconstructConfig, clamp_dist: float) -> CodeStep:
+    """One iteration's per-shape loss and code gradient through ``model``: the hand-written backward of a
+    :class:`FrozenDecoder`, autograd through any other module (under ``cfg.precision``), or ``model`` itself
+    when it is already a step (a compiled one: :func:`prepare`)."""
+    from sdf_ray.shapes.frozen_decoder import FrozenDecoder, clamped_l1_and_code_gradient
+
+    if not isinstance(model, nn.Module):
+        return model
+    lam = cfg.code_reg_lambda
+    if isinstance(model, FrozenDecoder):
+        frozen = model
+
+        def hand_written(z: torch.Tensor, xyz: torch.Tensor, sdf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return clamped_l1_and_code_gradient(frozen, z, xyz, sdf, clamp_dist, lam)
+
+        return hand_written
+    module = model
+
+    def autograd_step(z: torch.Tensor, xyz: torch.Tensor, sdf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z_in = z.detach().requires_grad_(True)
+        with precision_context(cfg.precision, z.device):
+            pred = module(z_in.unsqueeze(1), xyz)  # [B, S]
+        l1 = (pred.float().clamp(-clamp_dist, clamp_dist) - sdf.clamp(-clamp_dist, clamp_dist)).abs().mean(dim=1)
+        loss = l1 + lam * z_in.pow(2).mean(dim=1) if lam else l1
+        (grad,) = torch.autograd.grad(loss.sum(), z_in)
+        return loss, grad
+
+    return autograd_step
+
+
+@dataclass
+class Prepared:
+    """What an optimiser works through: ``model`` (the module that decodes: a :class:`FrozenDecoder` or the
+    decoder itself, per ``cfg.code_gradient``), ``decode`` (the same, compiled when asked) and ``step`` (one
+    iteration, compiled when asked)."""
+
+    model: nn.Module
+    decode: nn.Module
+    step: CodeStep
+
+
+def prepare(decoder: nn.Module, cfg: ReconstructConfig, clamp_dist: float, compile: bool) -> Prepared:
+    """The decoding module and the iteration step for a frozen decoder (:func:`freeze`), compiled with
+    ``cfg.compile_mode`` if ``compile`` (static shapes: the callers pad batches and chunks)."""
+    from sdf_ray.model import DeepSDFDecoder
+    from sdf_ray.shapes.frozen_decoder import FrozenDecoder, compute_dtype
+
+    model = decoder
+    if cfg.code_gradient == "hand-written" and isinstance(decoder, DeepSDFDecoder):
+        model = FrozenDecoder(decoder, compute_dtype(cfg.precision, decoder))
+    step = code_step(model, cfg, clamp_dist)
+    if not compile:
+        return Prepared(model, model, step)
+    from sdf_ray.device_settings import compile_module
+
+    return Prepared(model, compile_module(model, cfg.compile_mode, dynamic=False),
+                    compile_module(step, cfg.compile_mode, dynamic=False))
+
+
 @dataclass
 class ShapeCode:
     """The outcome of one shape's optimisation."""
@@ -178,7 +241,7 @@ class _Attempt:
     loss_B: torch.Tensor
 
 
-def _optimise(decoder: nn.Module, bank: SampleBank, rows: list[int], keys: list[int], cfg: ReconstructConfig,
+def _optimise(model: nn.Module | CodeStep, bank: SampleBank, rows: list[int], keys: list[int], cfg: ReconstructConfig,
               clamp_dist: float, latent_size: int, pad_to: int = 0) -> _Attempt:
     """One attempt for the shapes ``rows`` of ``bank``: ``cfg.num_iterations`` masked Adam steps, no host sync.
 
@@ -189,14 +252,14 @@ def _optimise(decoder: nn.Module, bank: SampleBank, rows: list[int], keys: list[
     if real < pad_to:
         rows = rows + [rows[0]] * (pad_to - real)
         keys = keys + [keys[0]] * (pad_to - real)
-    out = _optimise_rows(decoder, bank, rows, keys, cfg, clamp_dist, latent_size)
+    out = _optimise_rows(model, bank, rows, keys, cfg, clamp_dist, latent_size)
     if real == len(rows):
         return out
     return _Attempt(out.codes_BL[:real], out.ok_B[:real], out.bad_iteration_B[:real], out.bad_kind_B[:real],
                     out.loss_B[:real])
 
 
-def _optimise_rows(decoder: nn.Module, bank: SampleBank, rows: list[int], keys: list[int], cfg: ReconstructConfig,
+def _optimise_rows(model: nn.Module | CodeStep, bank: SampleBank, rows: list[int], keys: list[int], cfg: ReconstructConfig,
                    clamp_dist: float, latent_size: int) -> _Attempt:
     device = bank.samples_M4.device
     B = len(rows)
@@ -210,14 +273,10 @@ def _optimise_rows(decoder: nn.Module, bank: SampleBank, rows: list[int], keys: 
     bad_kind = torch.zeros(B, dtype=torch.int64, device=device)  # 1: loss, 2: gradient
     last_loss = torch.full((B,), float("nan"), device=device)
     b1, b2 = cfg.betas
+    step = code_step(model, cfg, clamp_dist)
     for e in range(cfg.num_iterations):
         xyz, sdf = draw_samples(bank, rows_B, keys_B, e, cfg.samples_per_iteration)
-        z_in = z.detach().requires_grad_(True)
-        with precision_context(cfg.precision, device):
-            pred = decoder(z_in.unsqueeze(1), xyz)  # [B, S]
-        l1 = (pred.float().clamp(-clamp_dist, clamp_dist) - sdf.clamp(-clamp_dist, clamp_dist)).abs().mean(dim=1)
-        loss = l1 + cfg.code_reg_lambda * z_in.pow(2).mean(dim=1) if cfg.code_reg_lambda else l1
-        (grad,) = torch.autograd.grad(loss.sum(), z_in)
+        loss, grad = step(z, xyz, sdf)
         loss_ok = torch.isfinite(loss)
         ok = loss_ok & torch.isfinite(grad).all(dim=1)
         newly_bad = active & ~ok
@@ -237,9 +296,10 @@ def _optimise_rows(decoder: nn.Module, bank: SampleBank, rows: list[int], keys: 
     return _Attempt(z.detach(), active, bad_iteration, bad_kind, last_loss)
 
 
-def reconstruct_codes(decoder: nn.Module, bank: SampleBank, cfg: ReconstructConfig, clamp_dist: float,
+def reconstruct_codes(model: nn.Module | CodeStep, bank: SampleBank, cfg: ReconstructConfig, clamp_dist: float,
                       latent_size: int, pad_to: int = 0) -> list[ShapeCode]:
-    """Optimise a code for every shape of ``bank`` (the decoder must be frozen: see :func:`freeze`).
+    """Optimise a code for every shape of ``bank`` through ``model`` (see :func:`code_step`; a decoder module must
+    be frozen: :func:`freeze`).
 
     A shape whose loss or gradient turns non-finite is frozen at that step, retried from a fresh code (a new
     key, so new samples too) up to ``cfg.max_retries`` times, then reported ``failed``; a shape without samples
@@ -261,7 +321,7 @@ def reconstruct_codes(decoder: nn.Module, bank: SampleBank, cfg: ReconstructConf
         if not pending:
             break
         keys = [shape_key(cfg.seed, bank.scene_ids[b], attempt) for b in pending]
-        out = _optimise(decoder, bank, pending, keys, cfg, clamp_dist, latent_size, pad_to)
+        out = _optimise(model, bank, pending, keys, cfg, clamp_dist, latent_size, pad_to)
         ok = out.ok_B.cpu().tolist()
         bad_at = out.bad_iteration_B.cpu().tolist()
         kinds = out.bad_kind_B.cpu().tolist()

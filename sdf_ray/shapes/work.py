@@ -80,6 +80,7 @@ class ShapeWorker:
 
         from sdf_ray.data.format import read_manifest
         from sdf_ray.device_settings import resolve_reconstruct_for_device
+        from sdf_ray.shapes.reconstruct import prepare
         from sdf_ray.shapes.trained_run import build_decoder
 
         self.device = torch.device(device)
@@ -88,18 +89,16 @@ class ShapeWorker:
         if self.device.type == "cpu":
             # As many threads as CPUs reserved: more would spin against the meshing tasks on the same cores.
             torch.set_num_threads(max(1, int(job.cfg.cpus_per_worker)))
-        self.decoder = build_decoder(decoder_payload, self.device)
-        self.compiled: Any = self.decoder
         # Compiled: batches are padded to shapes_per_batch and decoding chunks to fixed sizes (static_batch), so
-        # the decoder sees three input shapes in all (optimisation, coarse and fine decoding): three compilations
-        # per actor, whatever the batch sizes.
+        # the step sees one input shape and the decoder two (coarse and fine decoding): three compilations per
+        # actor, whatever the batch sizes.
         self.static_batch = self.cfg.shapes_per_batch if self.cfg.compile else 0
-        if self.cfg.compile:
-            from sdf_ray.device_settings import compile_module, use_compile_cache
+        if self.cfg.compile and job.compile_cache_dir:
+            from sdf_ray.device_settings import use_compile_cache
 
-            if job.compile_cache_dir:
-                use_compile_cache(job.compile_cache_dir)
-            self.compiled = compile_module(self.decoder, self.cfg.compile_mode, dynamic=False)
+            use_compile_cache(job.compile_cache_dir)
+        self.prepared = prepare(build_decoder(decoder_payload, self.device), self.cfg, job.clamp_dist,
+                                compile=bool(self.cfg.compile))
         self.manifest = read_manifest(job.data_path) if job.data_path else None
         self._optimising = threading.Lock()
         self._first_batch = threading.Lock()
@@ -159,7 +158,7 @@ class ShapeWorker:
             with self._optimising:
                 t_start = time.perf_counter()
                 waited = t_start - t_wait
-                found = reconstruct_codes(self.compiled, bank, cfg, job.clamp_dist, job.latent_size,
+                found = reconstruct_codes(self.prepared.step, bank, cfg, job.clamp_dist, job.latent_size,
                                           self.static_batch)
                 optimised = time.perf_counter() - t_start
             for r, s in zip(found, shapes):
@@ -176,10 +175,10 @@ class ShapeWorker:
             codes = torch.from_numpy(np.stack([outs[j].code for j in good])).to(self.device)
             if bank is not None:
                 sub = SampleBank.build([shapes[j] for j in good], self.device) if len(good) < len(outs) else bank  # type: ignore[index]
-                for j, value in zip(good, sdf_l1(self.decoder, sub, codes, job.clamp_dist, cfg.precision,
+                for j, value in zip(good, sdf_l1(self.prepared.model, sub, codes, job.clamp_dist, cfg.precision,
                                                  cfg.points_per_forward)):
                     outs[j].sdf_l1 = value
-            grids = decode_sparse_grids(self.compiled, codes, job.grid_spec(), cfg.precision, cfg.points_per_forward,
+            grids = decode_sparse_grids(self.prepared.decode, codes, job.grid_spec(), cfg.precision, cfg.points_per_forward,
                                         self.static_batch)
             t_measure = time.perf_counter() - t1  # sdf_l1 and the grids
             for j, grid in zip(good, grids):

@@ -1,0 +1,126 @@
+"""The hand-written code gradient (``sdf_ray.shapes.frozen_decoder``) against autograd through the decoder module.
+
+The truth is autograd through :class:`DeepSDFDecoder` in float64, an implementation the frozen decoder shares no
+arithmetic with (weight norm, the concatenated skip layer's split and padding, clamp, abs and tanh derivatives).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from sdf_ray import config as config_mod
+from sdf_ray.model import DeepSDFDecoder
+from sdf_ray.shapes.config import ReconstructConfig
+from sdf_ray.shapes.frozen_decoder import FrozenDecoder, clamped_l1_and_code_gradient, compute_dtype
+from sdf_ray.shapes.reconstruct import SampleBank, freeze, prepare, reconstruct_codes
+from sdf_ray.shapes.samples import ShapeSamples
+
+L = 16
+
+
+def _decoder(**model: object) -> DeepSDFDecoder:
+    torch.manual_seed(0)
+    fields: dict[str, object] = {"latent_size": L, "hidden_dim": 48, "num_layers": 5, "latent_in_layers": (2,)}
+    # 48 - 19 = 29 outputs before the skip: padded to 32 by default
+    cfg = dataclasses.replace(config_mod.TrainConfig().model, **{**fields, **model})
+    return freeze(DeepSDFDecoder(cfg)).double()  # type: ignore[return-value]
+
+
+def _autograd(decoder: DeepSDFDecoder, z: torch.Tensor, xyz: torch.Tensor, sdf: torch.Tensor, clamp: float,
+              lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    z_in = z.clone().requires_grad_(True)
+    pred = decoder(z_in.unsqueeze(1), xyz)
+    loss = (pred.clamp(-clamp, clamp) - sdf.clamp(-clamp, clamp)).abs().mean(dim=1) + lam * z_in.pow(2).mean(dim=1)
+    (grad,) = torch.autograd.grad(loss.sum(), z_in)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("model", [{}, {"output_tanh": False}, {"pad_features_to": 0}, {"latent_in_layers": ()},
+                                   {"weight_norm": False, "latent_in_layers": (2, 3)}])
+def test_loss_and_code_gradient_equal_autograd_through_the_decoder(model):
+    decoder = _decoder(**model)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, L, generator=g, dtype=torch.float64) * 0.3
+    xyz = torch.rand(3, 70, 3, generator=g, dtype=torch.float64) * 2 - 1
+    sdf = torch.randn(3, 70, generator=g, dtype=torch.float64) * 0.05
+    want_loss, want_grad = _autograd(decoder, z, xyz, sdf, 0.1, 1e-2)
+    loss, grad = clamped_l1_and_code_gradient(FrozenDecoder(decoder, torch.float64), z, xyz, sdf, 0.1, 1e-2)
+    assert want_grad.abs().max() > 1e-4  # the case exercises the gradient
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_forward_has_the_decoders_broadcasting_and_values():
+    decoder = _decoder()
+    frozen = FrozenDecoder(decoder, torch.float64)
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randn(4, L, generator=g, dtype=torch.float64)
+    shared = torch.rand(1, 33, 3, generator=g, dtype=torch.float64)  # decoding: every code at the same points
+    points = torch.rand(50, 3, generator=g, dtype=torch.float64)  # sdf_l1: one code against its points
+    with torch.no_grad():
+        for latent, xyz in ((codes.unsqueeze(1), shared), (codes[0], points)):
+            want = decoder(latent, xyz)
+            got = frozen(latent, xyz)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_bf16_frozen_decoder_stays_close_to_the_module_under_autocast():
+    decoder = _decoder().float()
+    frozen = FrozenDecoder(decoder, compute_dtype("bf16", decoder))
+    xyz = torch.rand(2, 200, 3) * 2 - 1
+    codes = torch.randn(2, 1, L) * 0.3
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = decoder(codes, xyz).float()
+        got = frozen(codes, xyz)  # autocast is switched off inside: its dtypes are the precision
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() < 2e-2 * want.abs().max() + 1e-3
+
+
+def _bank() -> SampleBank:
+    rng = np.random.default_rng(0)
+    shapes = []
+    for i in range(3):
+        rows = rng.uniform(-1, 1, size=(400, 4)).astype(np.float32)
+        rows[:, 3] = np.linalg.norm(rows[:, :3], axis=1) - 0.3 - 0.1 * i  # spheres: both signs
+        shapes.append(ShapeSamples(i, rows[rows[:, 3] > 0], rows[rows[:, 3] <= 0]))
+    return SampleBank.build(shapes, "cpu")
+
+
+def test_reconstruction_through_the_hand_written_gradient_equals_autograd():
+    """The whole optimisation (sampling, masked Adam, 25 iterations) in fp32: the same codes either way, to
+    rounding."""
+    decoder = _decoder().float()
+    bank = _bank()
+    cfg = dataclasses.replace(ReconstructConfig(), num_iterations=25, samples_per_iteration=64, precision="fp32")
+    want = reconstruct_codes(decoder, bank, cfg, 0.1, L)
+    got = reconstruct_codes(FrozenDecoder(decoder, torch.float32), bank, cfg, 0.1, L)
+    for w, o in zip(want, got):
+        assert (o.status, o.iterations) == (w.status, w.iterations) == ("ok", 25)
+        moved = (w.code - reconstruct_codes(decoder, bank, dataclasses.replace(cfg, num_iterations=1), 0.1, L)[
+            w.scene_id].code).abs().max()
+        assert moved > 1e-3  # the codes travelled: agreement is not both standing still
+        torch.testing.assert_close(o.code, w.code, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("code_gradient", ["hand-written", "autograd"])
+def test_prepare_picks_the_module_the_config_names(code_gradient):
+    decoder = _decoder().float()
+    cfg = dataclasses.replace(ReconstructConfig(), code_gradient=code_gradient, precision="fp32")
+    prepared = prepare(decoder, cfg, 0.1, compile=False)
+    assert isinstance(prepared.model, FrozenDecoder) == (code_gradient == "hand-written")
+    out = reconstruct_codes(prepared.step, _bank(), dataclasses.replace(cfg, num_iterations=3,
+                                                                       samples_per_iteration=32), 0.1, L)
+    assert [o.status for o in out] == ["ok"] * 3
+
+
+def test_an_unknown_code_gradient_is_a_config_error():
+    from sdf_ray.errors import ConfigError
+    from sdf_ray.shapes.config import from_overrides
+
+    with pytest.raises(ConfigError, match="code_gradient"):
+        from_overrides(["reconstruct.code_gradient=fused"])
