@@ -28,21 +28,23 @@ from sdf_ray.device_settings import compile_module
 from sdf_ray.model import DeepSDFDecoder
 from sdf_ray.shapes.config import ReconstructConfig
 from sdf_ray.shapes.frozen_decoder import FrozenDecoder
-from sdf_ray.shapes.reconstruct import SampleBank, freeze, frozen_code_step, reconstruct_codes
+from sdf_ray.shapes.reconstruct import SampleBank, freeze, prepare, reconstruct_codes
 from sdf_ray.shapes.samples import ShapeSamples
 
 ITERS = int(os.environ.get("ITERS", "200"))
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 VARIANTS = os.environ.get("VARIANTS", "frozen-compiled frozen-eager").split()
-B = 64
+B = int(os.environ.get("SHAPES", "64"))
+DEVICE = os.environ.get("DEVICE", "cuda")  # DEVICE=cpu SHAPES=2 ITERS=2 ROUNDS=1: a smoke test of the script
 
 
 def sync() -> None:
-    torch.cuda.synchronize()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def main() -> None:
-    device = torch.device("cuda")
+    device = torch.device(DEVICE)
     torch.manual_seed(0)
     decoder = freeze(DeepSDFDecoder(config_mod.TrainConfig().model).to(device))
     rng = np.random.default_rng(0)
@@ -55,12 +57,15 @@ def main() -> None:
     cfg = dataclasses.replace(ReconstructConfig(), num_iterations=ITERS, precision="bf16")
     warm = dataclasses.replace(cfg, num_iterations=3)
 
+    def step(code_gradient: str, compile: bool, mode: str = "default") -> Any:
+        c = dataclasses.replace(cfg, code_gradient=code_gradient, compile_mode=mode)
+        return prepare(decoder, c, 0.1, compile=compile).step
+
     makers = {
-        "autograd-compiled": lambda: compile_module(decoder, "default", dynamic=False),
-        "frozen-compiled": lambda: torch.compile(frozen_code_step(decoder, cfg, 0.1), dynamic=False),
-        "frozen-autotune": lambda: torch.compile(frozen_code_step(decoder, cfg, 0.1), dynamic=False,
-                                                 mode="max-autotune-no-cudagraphs"),
-        "frozen-eager": lambda: frozen_code_step(decoder, cfg, 0.1),
+        "autograd-compiled": lambda: step("autograd", True),
+        "frozen-compiled": lambda: step("hand-written", True),
+        "frozen-autotune": lambda: step("hand-written", True, "max-autotune-no-cudagraphs"),
+        "frozen-eager": lambda: step("hand-written", False),
     }
     names = ["autograd-compiled"] + [n for n in VARIANTS if n != "autograd-compiled"]
     variants: dict[str, Any] = {name: makers[name]() for name in names}
@@ -75,13 +80,14 @@ def main() -> None:
     codes: dict[str, torch.Tensor] = {}
     for _ in range(ROUNDS):
         for name, step in variants.items():
-            torch.cuda.reset_peak_memory_stats()
+            if DEVICE == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             sync()
             t0 = time.perf_counter()
             out = reconstruct_codes(step, bank, cfg, 0.1, 256, B)
             sync()
             times[name].append(time.perf_counter() - t0)
-            peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+            peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
             codes[name] = torch.stack([o.code for o in out])
     base = statistics.median(times["autograd-compiled"])
     for name, ts in times.items():
@@ -100,16 +106,16 @@ def main() -> None:
     frozen = FrozenDecoder(decoder, torch.bfloat16)
     z = torch.randn(B, 256, device=device) * 0.01
     xyz = torch.rand(1, 4096, 3, device=device) * 2 - 1
-    compiled = variants["autograd-compiled"]
-    frozen_fwd = torch.compile(lambda c, p: frozen.forward(c, p.expand(c.shape[0], -1, -1))[0], dynamic=False)
+    compiled = compile_module(decoder, "default", dynamic=False)
+    frozen_fwd = compile_module(frozen, "default", dynamic=False)
 
     def module_fwd() -> torch.Tensor:
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
             return compiled(z.unsqueeze(1), xyz).float()
 
     def frozen_fwd_call() -> torch.Tensor:
         with torch.no_grad():
-            return frozen_fwd(z, xyz)
+            return frozen_fwd(z.unsqueeze(1), xyz)
 
     for name, fn in (("module-compiled", module_fwd), ("frozen-compiled", frozen_fwd_call)):
         for _ in range(3):
@@ -120,8 +126,8 @@ def main() -> None:
             fn()
         sync()
         dt = (time.perf_counter() - t0) / 50
-        print(f"decode forward {name}: {dt * 1e3:.3f} ms per 262,144 evaluations "
-              f"({262_144 / dt / 1e6:.0f} M points/s)", flush=True)
+        print(f"decode forward {name}: {dt * 1e3:.3f} ms per {B * 4096:,} evaluations "
+              f"({B * 4096 / dt / 1e6:.0f} M points/s)", flush=True)
     a, b = module_fwd(), frozen_fwd_call()
     print(f"decode values frozen vs module (bf16): max |diff| {(a - b).abs().max():.2e}, mean |sdf| {a.abs().mean():.2e}")
 
@@ -129,7 +135,7 @@ def main() -> None:
 
     one = dataclasses.replace(cfg, num_iterations=5)
     for name in ("autograd-compiled", "frozen-compiled"):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU]) as prof:
             reconstruct_codes(variants[name], bank, one, 0.1, 256, B)
             sync()
         print(f"\n--- {name}: kernels of 5 iterations (CUDA time) ---")

@@ -205,13 +205,17 @@ def prepare(decoder: nn.Module, cfg: ReconstructConfig, clamp_dist: float, compi
     model = decoder
     if cfg.code_gradient == "hand-written" and isinstance(decoder, DeepSDFDecoder):
         model = FrozenDecoder(decoder, compute_dtype(cfg.precision, decoder))
-    step = code_step(model, cfg, clamp_dist)
     if not compile:
-        return Prepared(model, model, step)
+        return Prepared(model, model, code_step(model, cfg, clamp_dist))
     from sdf_ray.device_settings import compile_module
 
-    return Prepared(model, compile_module(model, cfg.compile_mode, dynamic=False),
-                    compile_module(step, cfg.compile_mode, dynamic=False))
+    decode = compile_module(model, cfg.compile_mode, dynamic=False)
+    if isinstance(model, FrozenDecoder):  # the whole iteration in one graph: forward and written-out backward
+        return Prepared(model, decode, compile_module(code_step(model, cfg, clamp_dist), cfg.compile_mode,
+                                                      dynamic=False))
+    # Autograd through the compiled module: dynamo breaks the graph at torch.autograd.grad, so a compiled step
+    # function would run the backward outside the compiled graph.
+    return Prepared(model, decode, code_step(decode, cfg, clamp_dist))
 
 
 @dataclass
