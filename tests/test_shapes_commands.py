@@ -47,6 +47,23 @@ def test_run_dir_without_checkpoint(tmp_path, shapes_data):
     assert not out.exists()
 
 
+def test_run_with_non_finite_decoder_weights(tmp_path, shapes_data):
+    import torch
+
+    from sdf_ray.shapes.trained_run import latest_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(shapes_data.run, run)
+    state_file = next((latest_checkpoint(run) or run).glob("state.pt"))
+    state = torch.load(state_file, weights_only=False)
+    next(t for t in state["decoder"].values() if t.is_floating_point()).view(-1)[3] = float("nan")
+    torch.save(state, state_file)
+    out = tmp_path / "out"
+    user_error(["reconstruct", "--run", str(run), "--data", str(shapes_data.heldout), "--out", str(out)],
+               ConfigError, "1 non-finite decoder weights")
+    assert not out.exists()
+
+
 def test_unreadable_dataset(tmp_path, shapes_data):
     broken = tmp_path / "broken"
     shutil.copytree(shapes_data.heldout, broken)
@@ -215,6 +232,22 @@ def test_batches_in_two_threads_equal_one_after_the_other_and_optimise_in_turn(s
             assert a.sdf_l1 == t.sdf_l1
             assert a.grid is not None and t.grid is not None
             np.testing.assert_array_equal(a.grid.fine_values, t.grid.fine_values)
+
+
+def test_the_worker_finds_the_same_codes_with_either_code_gradient(shapes_data, tmp_path):
+    """The optimiser actor's unit with the hand-written gradient (the default) and with autograd (fp32, same seeds)."""
+    run = load_trained_run(shapes_data.run)
+    found = {}
+    for gradient in ("hand-written", "autograd"):
+        cfg = dataclasses.replace(from_overrides(FAST[1::2]), code_gradient=gradient, precision="fp32")
+        job = Job("reconstruct", str(tmp_path / gradient), str(shapes_data.heldout), cfg, run.config.loss.clamp_dist,
+                  run.latent_size)
+        with one_thread():
+            found[gradient] = ShapeWorker(run.decoder_payload(), job, "cpu").run([0, 1])
+    for a, b in zip(found["hand-written"], found["autograd"]):
+        assert a.status == b.status == "ok" and a.iterations == b.iterations == 40
+        np.testing.assert_allclose(a.code, b.code, rtol=1e-4, atol=1e-5)
+        assert a.sdf_l1 == pytest.approx(b.sdf_l1, rel=1e-4)
 
 
 def test_mesh_mode_takes_the_learned_codes(shapes_data, tmp_path):

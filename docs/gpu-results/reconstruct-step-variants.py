@@ -1,4 +1,4 @@
-"""Issue 12: the reconstruction step three ways on one GPU, side by side in one process, then a kernel profile.
+"""Issue 12: the reconstruction step several ways on one GPU, side by side in one process, then a kernel profile.
 
   source .gpu/gpu-env.sh; VARIANTS="frozen-compiled frozen-autotune" python docs/gpu-results/reconstruct-step-variants.py
 

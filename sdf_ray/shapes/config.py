@@ -57,11 +57,13 @@ class ReconstructConfig:
     max_retries: NonNegativeInt = 1
     """A shape whose loss or gradient turns non-finite restarts from a fresh code this many times, then fails."""
     precision: Precision = "auto"
-    """fp32, tf32 (TF32 matmuls), or bf16 (autocast; codes and Adam stay fp32) for optimising and decoding;
+    """fp32, tf32 (TF32 matmuls), or bf16 (bf16 GEMMs with fp32 accumulation; codes and Adam stay fp32) for
+    optimising and decoding;
     auto: bf16 on CUDA devices with native bf16, fp32 elsewhere (docs/fidelity.md: bf16 moves the held-out
     Chamfer by 0.3 %, far below seed noise)."""
     compile: Literal["auto", True, False] = "auto"
-    """Compile the decoder (torch.compile) for the optimisation and the grid decoding; auto: on CUDA devices,
+    """Compile (torch.compile) the optimisation's iteration (with ``code_gradient: autograd``, the decoder) and the
+    grid decoding; auto: on CUDA devices,
     not on CPUs. Batches are padded to ``shapes_per_batch`` and decoding chunks to fixed sizes, so each
     actor compiles once per graph, not once per batch size."""
     compile_mode: CompileMode = "default"
@@ -71,7 +73,10 @@ class ReconstructConfig:
     """How an iteration's code gradient is computed: hand-written (the decoder's weights materialised once in the
     precision's dtype, fused bias + ReLU GEMMs, the backward to the codes written out:
     ``sdf_ray.shapes.frozen_decoder``; 0.87 of autograd's step time on an H200) or autograd through the decoder
-    module (the reference the hand-written one is tested against). Decoding goes through the same module."""
+    module (the reference the hand-written one is tested against). Decoding (meshes, ``sdf_l1``, also in ``mesh``)
+    goes through the same module: in bf16 the hand-written one sums the input layers' terms in fp32, so values
+    differ from the module's at bf16 rounding. Validation during training (``val/*``) uses autograd through the
+    training decoder."""
     shapes_per_batch: PositiveInt = 64
     """Shapes optimised together in one device step (independent codes: a batch equals separate runs)."""
     seed: NonNegativeInt = 0

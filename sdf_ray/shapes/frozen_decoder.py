@@ -11,10 +11,16 @@ the input, the code's gradient ``(sum over the code's points of g_pre) @ W_z``. 
 (docs/performance.md): the compiled step takes 0.87 of the time of autograd through the compiled decoder, and
 decoding 0.79.
 
-The arithmetic is :class:`sdf_ray.model.DeepSDFDecoder`'s in eval mode (no dropout): GEMMs in the compute dtype
-(bf16, or fp32 for fp32/tf32) with fp32 accumulation, an input layer's code term ``W_z z + b`` once per code and
-its ``W_xyz xyz`` term in fp32, the output layer in fp32. ``tests/test_frozen_decoder.py`` checks values and code
-gradients against autograd through ``DeepSDFDecoder`` in float64.
+The function is :class:`sdf_ray.model.DeepSDFDecoder`'s in eval mode (no dropout), computed as it is under the
+same precision or more precisely: GEMMs in the compute dtype (bf16, or fp32 for fp32/tf32) with fp32
+accumulation, but an input layer's code term ``W_z z + b`` (once per code), its ``W_xyz xyz`` term and the skip
+layer's sum in fp32 where the module under bf16 autocast rounds them to bf16; the output layer in fp32 as there.
+``tests/test_frozen_decoder.py`` checks values and code gradients against autograd through ``DeepSDFDecoder`` in
+float64.
+
+Non-finite values: cuBLASLt's ReLU epilogue is a max, which may map NaN to 0, so a NaN weight need not surface as
+a NaN loss. Codes, points and targets are finite by construction (NaN rows are dropped at load; a shape whose loss
+or gradient turns non-finite is frozen), and ``trained_run.load_trained_run`` refuses non-finite decoder weights.
 """
 
 from __future__ import annotations

@@ -202,7 +202,7 @@ def prepare(decoder: nn.Module, cfg: ReconstructConfig, clamp_dist: float, compi
     from sdf_ray.model import DeepSDFDecoder
     from sdf_ray.shapes.frozen_decoder import FrozenDecoder, compute_dtype
 
-    model = decoder
+    model = decoder  # any other module (an analytic test decoder, say) has no frozen form: autograd through it
     if cfg.code_gradient == "hand-written" and isinstance(decoder, DeepSDFDecoder):
         model = FrozenDecoder(decoder, compute_dtype(cfg.precision, decoder))
     if not compile:
@@ -280,7 +280,9 @@ def _optimise_rows(model: nn.Module | CodeStep, bank: SampleBank, rows: list[int
     step = code_step(model, cfg, clamp_dist)
     for e in range(cfg.num_iterations):
         xyz, sdf = draw_samples(bank, rows_B, keys_B, e, cfg.samples_per_iteration)
-        loss, grad = step(z, xyz, sdf)
+        # TF32 is a process-wide GEMM switch: set around the step (a compiled one too), not traced inside it.
+        with precision_context(cfg.precision, device) if cfg.precision == "tf32" else contextlib.nullcontext():
+            loss, grad = step(z, xyz, sdf)
         loss_ok = torch.isfinite(loss)
         ok = loss_ok & torch.isfinite(grad).all(dim=1)
         newly_bad = active & ~ok

@@ -78,6 +78,13 @@ def load_trained_run(run_dir: str | Path) -> TrainedRun:
         step = int(snap.get("step", 0))
     except (OSError, RuntimeError, KeyError, EOFError, ValueError) as exc:
         raise ConfigError(f"--run {d}: unreadable checkpoint {ckpt.name}/{STATE_FILE} ({type(exc).__name__})") from None
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in decoder_state.values()
+              if isinstance(t, torch.Tensor) and t.is_floating_point())
+    if bad:
+        # A diverged or damaged checkpoint: every shape would fail (or, where a fused ReLU maps NaN to 0, come
+        # out as finite nonsense), so say so once, before Ray starts.
+        raise ConfigError(f"--run {d}: checkpoint {ckpt.name} has {bad} non-finite decoder weights; use an earlier "
+                          f"checkpoint or retrain")
     if latents.ndim != 2 or latents.shape[1] != cfg.model.latent_size:
         raise ConfigError(f"--run {d}: checkpoint codes have shape {tuple(latents.shape)}, config says latent_size "
                           f"{cfg.model.latent_size}")
