@@ -37,7 +37,7 @@ from sdf_ray.shapes.config import ReconstructConfig
 from sdf_ray.shapes.decode import decode_sparse_grids
 from sdf_ray.shapes.ground_truth import GroundTruth, load_ground_truth
 from sdf_ray.shapes.meshing import GridSpec, extract_mesh
-from sdf_ray.shapes.reconstruct import SampleBank, reconstruct_codes, sdf_l1
+from sdf_ray.shapes.reconstruct import SampleBank, prepare, reconstruct_codes, sdf_l1
 from sdf_ray.shapes.samples import load_shape_samples
 
 log = logging.getLogger("sdf_ray")
@@ -144,10 +144,12 @@ class Validator:
         s = self.settings
         assert s.clamp_dist is not None
         with frozen_eval(decoder):
-            codes = reconstruct_codes(decoder, self.bank, s, s.clamp_dist, latent_size)
+            # As `sdf-ray reconstruct` does it (reconstruct.code_gradient), eager: the weights change every pass.
+            model = prepare(decoder, s, s.clamp_dist, compile=False).model
+            codes = reconstruct_codes(model, self.bank, s, s.clamp_dist, latent_size)
             ok = [c.status == "ok" for c in codes]
             codes_BL = torch.stack([c.code for c in codes]).to(self.device)
-            l1 = sdf_l1(decoder, self.bank, codes_BL, s.clamp_dist, s.precision, s.points_per_forward)
+            l1 = sdf_l1(model, self.bank, codes_BL, s.clamp_dist, s.precision, s.points_per_forward)
             local["failed"] += sum(not o for o in ok)
             for good, value in zip(ok, l1):
                 if good and math.isfinite(value):
@@ -156,7 +158,7 @@ class Validator:
             if self.cfg.validation.mesh_resolution <= 0 or not self.ground_truth:
                 return
             spec = GridSpec(self.cfg.validation.mesh_resolution, s.mesh_coarse_stride, s.mesh_refine_margin)
-            grids = decode_sparse_grids(decoder, codes_BL, spec, s.precision, s.points_per_forward)
+            grids = decode_sparse_grids(model, codes_BL, spec, s.precision, s.points_per_forward)
         for sid, good, grid in zip(self.bank.scene_ids, ok, grids):
             gt = self.ground_truth.get(sid)
             if gt is None:

@@ -75,8 +75,7 @@ class ReconstructConfig:
     ``sdf_ray.shapes.frozen_decoder``; 0.87 of autograd's step time on an H200) or autograd through the decoder
     module (the reference the hand-written one is tested against). Decoding (meshes, ``sdf_l1``, also in ``mesh``)
     goes through the same module: in bf16 the hand-written one sums the input layers' terms in fp32, so values
-    differ from the module's at bf16 rounding. Validation during training (``val/*``) uses autograd through the
-    training decoder."""
+    differ from the module's at bf16 rounding. Validation during training (``val/*``) takes the same path, eager."""
     shapes_per_batch: PositiveInt = 64
     """Shapes optimised together in one device step (independent codes: a batch equals separate runs)."""
     seed: NonNegativeInt = 0
