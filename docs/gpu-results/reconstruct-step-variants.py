@@ -108,6 +108,12 @@ def main() -> None:
         print(f"codes {name} vs autograd-compiled after {ITERS} it (bf16, same seeds): relative difference "
               f"median {d.median():.2e}, max {d.max():.2e}")
 
+    if "frozen-compiled" in codes and "frozen-compiled-mask-kernels" in codes:
+        a, b = codes["frozen-compiled"], codes["frozen-compiled-mask-kernels"]
+        d = (a - b).norm(dim=1) / b.norm(dim=1)
+        print(f"codes frozen-compiled (mask epilogues) vs frozen-compiled-mask-kernels after {ITERS} it: relative "
+              f"difference median {d.median():.2e}, max {d.max():.2e}")
+
     # Decode: forward only, 64 codes x 4,096 points per forward (262,144 evaluations), as decode_shared chunks.
     frozen = FrozenDecoder(decoder, torch.bfloat16)
     z = torch.randn(B, 256, device=device) * 0.01
