@@ -58,13 +58,16 @@ def job_env_vars(gcs_address: str, *, fast_reports: bool = True) -> dict[str, st
     return env
 
 
-def connect_ray(address: str | None, *, fast_reports: bool = True, import_meanwhile: Sequence[str] = ()) -> str:
+def connect_ray(address: str | None, *, fast_reports: bool = True, import_meanwhile: Sequence[str] = (),
+                ray_train: bool = True) -> str:
     """Connect to ``address`` / ``RAY_ADDRESS``, else start an embedded local Ray; returns a description.
 
     ``fast_reports``: Ray Train collects reports every 0.1 s instead of 2 s (see ``HEALTH_CHECK_ENV``); off
-    for Tune sweeps. ``import_meanwhile``: modules the command needs next (torch: 1.3 s on a 2-core machine),
-    imported in a thread while Ray starts; only modules that do not import Ray, so that the two threads never
-    wait on each other's imports. Problems are ``ClusterError`` (one line, exit 2).
+    for Tune sweeps. ``ray_train``: the command runs Ray Train, whose autoscaling coordinator is started early (see
+    below); the shapes and meshes commands do not, and skip that actor's process. ``import_meanwhile``: modules
+    the command needs next (torch: 1.3 s on a 2-core machine), imported in a thread while Ray starts; only modules
+    that do not import Ray, so that the two threads never wait on each other's imports. Problems are
+    ``ClusterError`` (one line, exit 2).
     """
     import ray
 
@@ -72,13 +75,13 @@ def connect_ray(address: str | None, *, fast_reports: bool = True, import_meanwh
 
     imports = BackgroundImports(import_meanwhile) if import_meanwhile else None
     try:
-        return _connect(ray, address, fast_reports)
+        return _connect(ray, address, fast_reports, ray_train)
     finally:
         if imports is not None:
             imports.finish()
 
 
-def _connect(ray: Any, address: str | None, fast_reports: bool) -> str:
+def _connect(ray: Any, address: str | None, fast_reports: bool, ray_train: bool) -> str:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         return EXISTING_SESSION
@@ -90,10 +93,11 @@ def _connect(ray: Any, address: str | None, fast_reports: bool) -> str:
                      runtime_env={"env_vars": job_env_vars(gcs_address, fast_reports=fast_reports)})
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ClusterError(f"cannot connect to the Ray cluster at {gcs_address}: {first_line(exc)}") from None
+        description = f"Ray cluster at {gcs_address}"
+    else:
+        description = f"embedded local Ray ({_start_embedded_ray(fast_reports)})"
+    if ray_train:
         start_autoscaling_coordinator()
-        return f"Ray cluster at {gcs_address}"
-    description = f"embedded local Ray ({_start_embedded_ray(fast_reports)})"
-    start_autoscaling_coordinator()
     return description
 
 

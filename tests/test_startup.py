@@ -169,3 +169,24 @@ def test_ray_trains_controller_can_use_the_backend_config_without_importing_torc
     out = subprocess.run([sys.executable, "-c", code], input=cloudpickle.dumps(config), capture_output=True,
                          check=True)
     assert out.stdout.decode().split() == ["TrainingFramework.TORCH", "True", "False"], out.stderr.decode()[-2000:]
+
+
+def test_only_ray_train_commands_start_its_autoscaling_coordinator(monkeypatch):
+    """The coordinator is an actor process that imports Ray Data; `reconstruct`, `mesh` and `data import-meshes`
+    run no Ray Train and must not pay for it (a new connection either way; an existing session starts nothing)."""
+    import ray
+
+    from sdf_ray import ray_session
+
+    started = []
+    monkeypatch.setattr(ray_session, "start_autoscaling_coordinator", lambda: started.append(True))
+    monkeypatch.setattr(ray_session, "_start_embedded_ray", lambda fast_reports: "test")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_session.connect_ray(None, ray_train=False) == "embedded local Ray (test)"
+    assert started == []
+    ray_session.connect_ray(None)
+    assert started == [True]
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    assert ray_session.connect_ray(None) == ray_session.EXISTING_SESSION
+    assert started == [True]

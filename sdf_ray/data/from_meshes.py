@@ -325,7 +325,7 @@ def _connect(address: str | None) -> str:
         from sdf_ray.ray_session import connect_ray
     except ImportError:  # before the Ray session module existed
         from sdf_ray.cli import connect_ray  # type: ignore[no-redef,attr-defined]
-    return str(connect_ray(address))
+    return str(connect_ray(address, ray_train=False))
 
 
 class _Progress:

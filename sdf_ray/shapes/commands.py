@@ -77,7 +77,7 @@ def register(subparsers: Any) -> None:
 def _connect(address: str | None) -> str:
     from sdf_ray.ray_session import connect_ray
 
-    return connect_ray(address, fast_reports=False)
+    return connect_ray(address, fast_reports=False, ray_train=False)
 
 
 def _dataset(path: str) -> tuple[Path, Any]:
