@@ -111,15 +111,26 @@ class ShapeWorker:
                 torch.backends.cuda.matmul.allow_tf32 = True
             torch.cuda.synchronize(self.device)  # the weights are on the default stream; the threads use others
 
-    def _stream(self) -> contextlib.AbstractContextManager[Any]:
-        """This thread's CUDA stream (made on first use), as a context; nothing on CPUs."""
+    def _stream(self, measure: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """This thread's CUDA stream (made on first use), as a context; nothing on CPUs.
+
+        ``measure``: the thread's stream for ``sdf_l1`` and decoding, at the highest priority, after the work
+        queued so far on the current one. Decoding syncs with the host a few times per shape, and at the default
+        priority each sync would wait behind the other thread's queue of optimisation GEMMs; at a higher priority
+        its kernels go to the SMs first as blocks free up, so the batch's grids are out (and the next batch can
+        start) while the other batch keeps the GPU busy.
+        """
         import torch
 
         if self.device.type != "cuda":
             return contextlib.nullcontext()
-        stream = getattr(self._local, "stream", None)
+        name = "measure_stream" if measure else "stream"
+        stream = getattr(self._local, name, None)
         if stream is None:
-            stream = self._local.stream = torch.cuda.Stream(self.device)
+            stream = torch.cuda.Stream(self.device, priority=-100 if measure else 0)  # clamped to the range
+            setattr(self._local, name, stream)
+        if measure:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
         return torch.cuda.stream(stream)
 
     def run(self, scene_ids: Sequence[int], codes_BL: np.ndarray | None = None) -> list[ShapeOutput]:
@@ -138,10 +149,7 @@ class ShapeWorker:
             return self._run(scene_ids, codes_BL)
 
     def _run(self, scene_ids: Sequence[int], codes_BL: np.ndarray | None) -> list[ShapeOutput]:
-        import torch
-
-        from sdf_ray.shapes.decode import decode_sparse_grids
-        from sdf_ray.shapes.reconstruct import SampleBank, reconstruct_codes, sdf_l1
+        from sdf_ray.shapes.reconstruct import SampleBank, reconstruct_codes
         from sdf_ray.shapes.samples import load_shape_samples
 
         job, cfg = self.job, self.cfg
@@ -171,22 +179,34 @@ class ShapeWorker:
                                         dropped_nan_samples=shapes[j].dropped_nan_rows if shapes else 0))
         good = [j for j, o in enumerate(outs) if o.status == "ok"]
         if good:
-            t1 = time.perf_counter()
-            codes = torch.from_numpy(np.stack([outs[j].code for j in good])).to(self.device)
-            if bank is not None:
-                sub = SampleBank.build([shapes[j] for j in good], self.device) if len(good) < len(outs) else bank  # type: ignore[index]
-                for j, value in zip(good, sdf_l1(self.prepared.model, sub, codes, job.clamp_dist, cfg.precision,
-                                                 cfg.points_per_forward)):
-                    outs[j].sdf_l1 = value
-            grids = decode_sparse_grids(self.prepared.decode, codes, job.grid_spec(), cfg.precision, cfg.points_per_forward,
-                                        self.static_batch)
-            t_measure = time.perf_counter() - t1  # sdf_l1 and the grids
-            for j, grid in zip(good, grids):
-                outs[j].grid = grid
-                outs[j].stages["measure"] = t_measure / len(good)
+            with self._stream(measure=True):
+                self._measure(outs, good, bank, shapes)
         for o in outs:
             o.stages.update(load=t_load / len(outs), wait=waited / len(outs), optimise=optimised / len(outs))
         return outs
+
+    def _measure(self, outs: list[ShapeOutput], good: list[int], bank: Any, shapes: Any) -> None:
+        """``sdf_l1`` and the decoded grids of the shapes ``good`` of ``outs`` (their codes); ends in host copies,
+        so no tensor of this call is still in use on the device when it returns."""
+        import torch
+
+        from sdf_ray.shapes.decode import decode_sparse_grids
+        from sdf_ray.shapes.reconstruct import SampleBank, sdf_l1
+
+        job, cfg = self.job, self.cfg
+        t1 = time.perf_counter()
+        codes = torch.from_numpy(np.stack([outs[j].code for j in good])).to(self.device)
+        if bank is not None:
+            sub = SampleBank.build([shapes[j] for j in good], self.device) if len(good) < len(outs) else bank
+            for j, value in zip(good, sdf_l1(self.prepared.model, sub, codes, job.clamp_dist, cfg.precision,
+                                             cfg.points_per_forward)):
+                outs[j].sdf_l1 = value
+        grids = decode_sparse_grids(self.prepared.decode, codes, job.grid_spec(), cfg.precision, cfg.points_per_forward,
+                                    self.static_batch)
+        t_measure = time.perf_counter() - t1  # sdf_l1 and the grids
+        for j, grid in zip(good, grids):
+            outs[j].grid = grid
+            outs[j].stages["measure"] = t_measure / len(good)
 
 
 def _row(scene: SceneInfo, status: str, reason: str = "", **values: Any) -> dict[str, Any]:
