@@ -145,15 +145,3 @@ def test_an_unknown_code_gradient_is_a_config_error():
 
     with pytest.raises(ConfigError, match="code_gradient"):
         from_overrides(["reconstruct.code_gradient=fused"])
-
-
-def test_which_layers_keep_a_relu_bit_mask():
-    """cuBLASLt's mask epilogues (CUDA, bf16) serve a plain layer below the top whose widths are multiples of 8:
-    not the input layers (their ReLU is an elementwise kernel), not the top one (its mask is applied with the
-    output layer's gradient), not the 29-wide layer before the skip unless padded. On a CPU: none."""
-    full = FrozenDecoder(_decoder(num_layers=6, latent_in_layers=(3,)).float(), torch.bfloat16, mask_epilogues=True)
-    assert full.masked_layers == [False, True, True, False, True, False]
-    unpadded = FrozenDecoder(_decoder(num_layers=6, latent_in_layers=(3,), pad_features_to=0).float(),
-                             torch.bfloat16, mask_epilogues=True)
-    assert unpadded.masked_layers == [False, False, False, False, True, False]  # 1 feeds the 29-wide GEMM
-    assert not any(FrozenDecoder(_decoder().float(), torch.bfloat16).masked_layers)

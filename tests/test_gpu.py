@@ -151,55 +151,6 @@ def test_two_batches_in_flight_on_cuda_match_one_after_the_other(tmp_path_factor
             np.testing.assert_array_equal(a.grid.fine_values, t.grid.fine_values)
 
 
-@pytest.mark.parametrize(("n_in", "n_out", "m"), [(512, 512, 4099), (512, 256, 1000), (256, 512, 777)])
-def test_relu_mask_epilogues_match_torch(n_in, n_out, m):
-    """cuBLASLt's ReLU bit-mask epilogues against torch: the forward against ``_addmm_activation``, the backward
-    against ``mm`` then the mask of the forward's own output (row counts that are no multiple of a tile)."""
-    from sdf_ray.shapes import relu_epilogues
-
-    assert relu_epilogues.unavailable_reason(CUDA, torch.bfloat16) == ""
-    g = torch.Generator(CUDA).manual_seed(0)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, device=CUDA, generator=g) * scale).to(torch.bfloat16)
-
-    x, w, b = randn(m, n_in), randn(n_out, n_in, scale=n_in ** -0.5), randn(n_out, scale=0.1)
-    h, mask = relu_epilogues.linear_relu_mask(x, w, b)
-    want_h = torch._addmm_activation(b, x, w.t())
-    torch.testing.assert_close(h, want_h, rtol=1.6e-2, atol=1e-2)
-    assert 0.2 < (h > 0).float().mean().item() < 0.8  # the mask has work to do
-    gy, w2 = randn(m, 384), randn(384, n_out, scale=384 ** -0.5)
-    got = relu_epilogues.mm_relu_grad(gy, w2, mask)
-    want = torch.ops.aten.threshold_backward(torch.mm(gy, w2), h, 0)
-    assert (got[h == 0] == 0).all() and (got[h > 0] != 0).float().mean() > 0.99
-    torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)
-    with pytest.raises(ValueError, match="does not fit"):
-        relu_epilogues.mm_relu_grad(gy, w2, mask[:, :-1])
-
-
-def test_code_gradient_with_mask_epilogues_matches_mask_kernels_on_cuda():
-    """The bf16 step with the masks in cuBLASLt's epilogues against the same step with separate mask kernels,
-    eager and compiled: the same GEMMs and masks, so the same loss and gradient to bf16 rounding."""
-    from sdf_ray.model import DeepSDFDecoder
-    from sdf_ray.shapes.frozen_decoder import FrozenDecoder, clamped_l1_and_code_gradient
-    from sdf_ray.shapes.reconstruct import freeze
-
-    torch.manual_seed(0)
-    decoder = freeze(DeepSDFDecoder(C.TrainConfig().model).to(CUDA))
-    z = torch.randn(8, 256, device=CUDA) * 0.01
-    xyz = torch.rand(8, 3000, 3, device=CUDA) * 2 - 1
-    sdf = (xyz.norm(dim=-1) - 0.5).clamp(-0.1, 0.1)
-    fused, plain = FrozenDecoder(decoder, torch.bfloat16), FrozenDecoder(decoder, torch.bfloat16, mask_epilogues=False)
-    assert fused.masked_layers == [False, True, True, True, False, True, True, False]
-    assert not any(plain.masked_layers)
-    want = clamped_l1_and_code_gradient(plain, z, xyz, sdf, 0.1, 1e-4)
-    for step in (clamped_l1_and_code_gradient, torch.compile(clamped_l1_and_code_gradient, dynamic=False)):
-        loss, grad = step(fused, z, xyz, sdf, 0.1, 1e-4)
-        torch.testing.assert_close(loss, want[0], rtol=1e-3, atol=1e-5)
-        cos = torch.nn.functional.cosine_similarity(grad, want[1], dim=1)
-        assert (cos > 0.999).all(), cos
-
-
 def test_hand_written_code_gradient_matches_autograd_on_cuda():
     """The reconstruction step on the GPU: the hand-written gradient (cuBLASLt's fused bias + ReLU epilogue) against
     autograd through the DeepSDF-size decoder in fp32, and the compiled bf16 step against the eager one."""

@@ -4,9 +4,7 @@
 
 - autograd-compiled: the compiled DeepSDFDecoder module and autograd to the codes (sessions 4-6's path);
 - frozen-compiled / frozen-autotune / frozen-eager: sdf_ray.shapes.frozen_decoder (fused bias+ReLU GEMMs,
-  hand-written backward), compiled (default or max-autotune-no-cudagraphs) or not; VARIANTS picks them;
-- frozen-compiled-mask-kernels: frozen-compiled with the ReLU masks applied by separate kernels (session 7's
-  step) instead of cuBLASLt's bit-mask epilogues (sdf_ray/shapes/relu_epilogues.py).
+  hand-written backward), compiled (default or max-autotune-no-cudagraphs) or not; VARIANTS picks them.
 
 Each: ``reconstruct_codes`` on 64 shapes x ITERS iterations x 8,000 samples (bf16), after a 3-iteration warm-up
 that compiles; rounds alternate (A B C A B C ...) and the median per round is printed. Then the codes' agreement
@@ -21,7 +19,6 @@ import os
 import statistics
 import time
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import torch
@@ -29,7 +26,6 @@ import torch
 from sdf_ray import config as config_mod
 from sdf_ray.device_settings import compile_module
 from sdf_ray.model import DeepSDFDecoder
-from sdf_ray.shapes import relu_epilogues
 from sdf_ray.shapes.config import ReconstructConfig
 from sdf_ray.shapes.frozen_decoder import FrozenDecoder
 from sdf_ray.shapes.reconstruct import SampleBank, freeze, prepare, reconstruct_codes
@@ -61,17 +57,15 @@ def main() -> None:
     cfg = dataclasses.replace(ReconstructConfig(), num_iterations=ITERS, precision="bf16")
     warm = dataclasses.replace(cfg, num_iterations=3)
 
-    def step(code_gradient: str, compile: bool, mode: str = "default", epilogues: bool = True) -> Any:
+    def step(code_gradient: str, compile: bool, mode: str = "default") -> Any:
         c = dataclasses.replace(cfg, code_gradient=code_gradient, compile_mode=mode)
-        with mock.patch.object(relu_epilogues, "available", lambda *_: epilogues and DEVICE == "cuda"):
-            return prepare(decoder, c, 0.1, compile=compile).step
+        return prepare(decoder, c, 0.1, compile=compile).step
 
     makers = {
         "autograd-compiled": lambda: step("autograd", True),
         "frozen-compiled": lambda: step("hand-written", True),
         "frozen-autotune": lambda: step("hand-written", True, "max-autotune-no-cudagraphs"),
         "frozen-eager": lambda: step("hand-written", False),
-        "frozen-compiled-mask-kernels": lambda: step("hand-written", True, epilogues=False),
     }
     names = ["autograd-compiled"] + [n for n in VARIANTS if n != "autograd-compiled"]
     variants: dict[str, Any] = {name: makers[name]() for name in names}
@@ -108,12 +102,6 @@ def main() -> None:
         print(f"codes {name} vs autograd-compiled after {ITERS} it (bf16, same seeds): relative difference "
               f"median {d.median():.2e}, max {d.max():.2e}")
 
-    if "frozen-compiled" in codes and "frozen-compiled-mask-kernels" in codes:
-        a, b = codes["frozen-compiled"], codes["frozen-compiled-mask-kernels"]
-        d = (a - b).norm(dim=1) / b.norm(dim=1)
-        print(f"codes frozen-compiled (mask epilogues) vs frozen-compiled-mask-kernels after {ITERS} it: relative "
-              f"difference median {d.median():.2e}, max {d.max():.2e}")
-
     # Decode: forward only, 64 codes x 4,096 points per forward (262,144 evaluations), as decode_shared chunks.
     frozen = FrozenDecoder(decoder, torch.bfloat16)
     z = torch.randn(B, 256, device=device) * 0.01
@@ -146,8 +134,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     one = dataclasses.replace(cfg, num_iterations=5)
-    print("ReLU mask epilogues:", relu_epilogues.unavailable_reason(device, torch.bfloat16) or "in use")
-    for name in [n for n in ("autograd-compiled", "frozen-compiled", "frozen-compiled-mask-kernels") if n in variants]:
+    for name in ("autograd-compiled", "frozen-compiled"):
         with profile(activities=[ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU]) as prof:
             reconstruct_codes(variants[name], bank, one, 0.1, 256, B)
             sync()

@@ -1,5 +1,7 @@
-"""Issue 12: cuBLASLt's ReLU bit-mask epilogues (sdf_ray/shapes/relu_epilogues.py) against torch, one layer at a
-time, on the reconstruction step's sizes (64 shapes x 8,000 samples = 512,000 rows, bf16).
+"""Issue 12, an experiment not adopted: cuBLASLt's ReLU bit-mask epilogues (relu_epilogues.py beside this file)
+against torch, one layer at a time, on the reconstruction step's sizes (64 shapes x 8,000 samples = 512,000 rows,
+bf16). Measured on an H200 (relu-epilogues-bench-2026-11-29.txt): the DRELU backward runs as a separate cuBLASLt
+epilogue kernel and takes 2.2x as long as torch's GEMM plus mask kernel; see docs/performance.md.
 
   source .gpu/gpu-env.sh; python docs/gpu-results/relu-epilogues-bench.py
 
@@ -16,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from sdf_ray.shapes import relu_epilogues
+import relu_epilogues  # beside this file (python puts the script's directory on sys.path)
 
 M = 512_000
 

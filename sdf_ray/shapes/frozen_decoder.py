@@ -9,8 +9,7 @@ ReLU in its epilogue (``torch._addmm_activation``): the activation is written on
 backward is the chain rule written out: ``g_pre = g_h * (h > 0)``, ``g_h_prev = g_pre @ W_h``, and for a layer that
 reads the input, the code's gradient ``(sum over the code's points of g_pre) @ W_z``. Measured on an H200
 (docs/performance.md): the compiled step takes 0.87 of the time of autograd through the compiled decoder, and
-decoding 0.79. On CUDA in bf16, the plain layers below the top also keep cuBLASLt's ReLU bit-mask and the backward
-GEMMs apply it in their epilogue (:mod:`sdf_ray.shapes.relu_epilogues`): no separate mask kernel for those layers.
+decoding 0.79.
 
 The function is :class:`sdf_ray.model.DeepSDFDecoder`'s in eval mode (no dropout), computed as it is under the
 same precision or more precisely: GEMMs in the compute dtype (bf16, or fp32 for fp32/tf32) with fp32
@@ -30,10 +29,6 @@ import torch
 from torch import nn
 
 from sdf_ray.model import DeepSDFDecoder, point_term
-from sdf_ray.shapes import relu_epilogues
-
-Activation = tuple[torch.Tensor, torch.Tensor | None]
-"""A hidden layer's output ``[rows, width]`` and, from a fused layer, its ReLU bit-mask (:mod:`relu_epilogues`)."""
 
 
 def compute_dtype(precision: str, decoder: nn.Module) -> torch.dtype:
@@ -45,9 +40,7 @@ class FrozenDecoder(nn.Module):
     """A frozen :class:`DeepSDFDecoder`'s function in one compute dtype. ``forward(latent, xyz)`` has the
     decoder's interface (decoding); :meth:`trace` and :meth:`code_gradient` serve the optimisation."""
 
-    def __init__(self, decoder: DeepSDFDecoder, dtype: torch.dtype, mask_epilogues: bool | None = None) -> None:
-        """``mask_epilogues``: the plain hidden layers keep their ReLU bit-masks from cuBLASLt's epilogues and the
-        backward applies them inside its GEMMs (:mod:`relu_epilogues`); None: wherever the device supports it."""
+    def __init__(self, decoder: DeepSDFDecoder, dtype: torch.dtype) -> None:
         super().__init__()
         self.dtype = dtype
         self.acc = torch.promote_types(dtype, torch.float32)  # fp32, or float64 for a float64 decoder (tests)
@@ -70,12 +63,6 @@ class FrozenDecoder(nn.Module):
             self.register_buffer("w_out", out.weight.detach().to(self.acc).reshape(-1).contiguous())
             self.register_buffer("b_out", out.bias.detach().to(self.acc).contiguous())
         self.requires_grad_(False)
-        use = relu_epilogues.available(self._t("w_out").device, dtype) if mask_epilogues is None else mask_epilogues
-        # A plain layer below the top keeps its bit-mask, for the GEMM of the layer above it; cuBLASLt's bf16
-        # kernels want 16-byte aligned rows, so every width involved is a multiple of 8 (the decoder pads to 8).
-        self.masked_layers = [use and not self.reads_input[i] and i < self.num_hidden - 1 and all(
-            width % 8 == 0 for width in (self._t(f"w_h{i}").shape[1], self._t(f"bias{i}").shape[0],
-                                         self._t(f"bias{i + 1}").shape[0])) for i in range(self.num_hidden)]
 
     def _t(self, name: str) -> torch.Tensor:
         t: torch.Tensor = getattr(self, name)
@@ -89,25 +76,21 @@ class FrozenDecoder(nn.Module):
         return per_code + point_term(xyz.to(self.acc), a)
 
     def trace(self, latent: torch.Tensor, xyz: torch.Tensor,
-              keep: bool = True) -> tuple[torch.Tensor, list[Activation]]:
+              keep: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(values in fp32, shaped like the broadcast of ``latent[..., 0]`` and ``xyz[..., 0]``; the hidden
-        activations that :meth:`code_gradient` needs, if ``keep``)."""
+        activations ``[rows, width]`` that :meth:`code_gradient` needs, if ``keep``)."""
         if latent.shape[-1] != self.latent_size or xyz.shape[-1] != 3:
             raise ValueError(f"expected latent [..., {self.latent_size}] and xyz [..., 3], "
                              f"got {tuple(latent.shape)} and {tuple(xyz.shape)}")
-        hs: list[Activation] = []
+        hs: list[torch.Tensor] = []
         h: torch.Tensor | None = None
-        mask: torch.Tensor | None = None
         shape: tuple[int, ...] = ()
         with torch.autocast(device_type=xyz.device.type, enabled=False):  # the dtypes here are the precision
             for i in range(self.num_hidden):
-                mask = None
                 if not self.reads_input[i]:
                     assert h is not None
-                    if keep and self.masked_layers[i]:  # and the ReLU's bit-mask, for the backward
-                        h, mask = torch.ops.sdf_ray.linear_relu_mask(h, self._t(f"w_h{i}"), self._t(f"bias{i}"))
-                    else:  # cuBLASLt: GEMM, bias and ReLU in one kernel (the activation written once).
-                        h = torch._addmm_activation(self._t(f"bias{i}"), h, self._t(f"w_h{i}").t())
+                    # cuBLASLt: GEMM, bias and ReLU in one kernel (the activation written once).
+                    h = torch._addmm_activation(self._t(f"bias{i}"), h, self._t(f"w_h{i}").t())
                 else:
                     pre = self._input_term(i, latent, xyz)
                     shape = tuple(pre.shape[:-1])
@@ -116,7 +99,7 @@ class FrozenDecoder(nn.Module):
                         pre = pre + torch.mm(h, self._t(f"w_h{i}").t())
                     h = torch.relu(pre).to(self.dtype)
                 if keep:
-                    hs.append((h, mask))
+                    hs.append(h)
             assert h is not None
             y = torch.mv(h.to(self.acc), self._t("w_out")) + self._t("b_out")
             if self.output_tanh:
@@ -130,7 +113,7 @@ class FrozenDecoder(nn.Module):
         """The gradient at the last linear layer's output from the gradient at the decoder's output."""
         return g_out_BS * (1 - pred_BS * pred_BS) if self.output_tanh else g_out_BS
 
-    def code_gradient(self, hs: list[Activation], g_lin_BS: torch.Tensor) -> torch.Tensor:
+    def code_gradient(self, hs: list[torch.Tensor], g_lin_BS: torch.Tensor) -> torch.Tensor:
         """``[B, L]``: the gradient to the codes of ``sum(g_lin * y)``, ``y`` the last linear layer's output (before
         the tanh: see :meth:`output_gradient`), where ``hs`` came from :meth:`trace` with codes ``[B, 1, L]``
         against points ``[B, S, 3]``."""
@@ -138,18 +121,13 @@ class FrozenDecoder(nn.Module):
         with torch.autocast(device_type=g_lin_BS.device.type, enabled=False):
             g_h = (g_lin_BS.reshape(B * S, 1).to(self.acc) * self._t("w_out")).to(self.dtype)
             grad = torch.zeros(B, self.latent_size, dtype=self.acc, device=g_lin_BS.device)
-            top = self.num_hidden - 1
-            g_pre = torch.ops.aten.threshold_backward(g_h, hs[top][0], 0)  # g_h where h > 0, else 0: ReLU's
-            for i in range(top, -1, -1):
+            for i in range(self.num_hidden - 1, -1, -1):
+                g_pre = torch.ops.aten.threshold_backward(g_h, hs[i], 0)  # g_h where h > 0, else 0: ReLU's
                 if self.reads_input[i]:
                     per_code = g_pre.view(B, S, -1).sum(dim=1, dtype=self.acc)
                     grad = grad + per_code @ self._t(f"w_z{i}")
                 if i > 0:
-                    h_prev, mask_prev = hs[i - 1]
-                    if mask_prev is not None:  # the mask applied in the GEMM's epilogue
-                        g_pre = torch.ops.sdf_ray.mm_relu_grad(g_pre, self._t(f"w_h{i}"), mask_prev)
-                    else:
-                        g_pre = torch.ops.aten.threshold_backward(torch.mm(g_pre, self._t(f"w_h{i}")), h_prev, 0)
+                    g_h = torch.mm(g_pre, self._t(f"w_h{i}"))
         return grad
 
 

@@ -1,4 +1,9 @@
-"""ReLU layers whose backward needs no mask kernel: cuBLASLt's ReLU bit-mask epilogues, called through ctypes.
+"""An experiment, not adopted (docs/performance.md, session 8): ReLU layers whose backward needs no mask kernel,
+through cuBLASLt's ReLU bit-mask epilogues, called through ctypes. On an H200 (cuBLAS of CUDA 13, bf16, 512,000 x
+512 x 512) the DRELU backward ran as the GEMM plus a separate ``cublasLt::epilogue::impl::globalKernel`` (1.18 ms),
+2.2x the time of torch's GEMM and mask kernel, and the RELU_AUX_BIAS forward 1.2x torch's fused GEMM + bias + ReLU:
+the reconstruction step went from 9.21 to 13.78 ms. Kept here with its benchmark (relu-epilogues-bench.py) so
+the measurement can be repeated on another GPU or cuBLAS version.
 
 The hand-written code gradient (:mod:`sdf_ray.shapes.frozen_decoder`) applies each ReLU's mask in backward as its
 own kernel, ``threshold_backward(g @ W, h)``: it reads the GEMM's output and the activation and writes the result,
