@@ -11,7 +11,9 @@ config, rank 0 adds its own to ``summary.json``, and the driver completes them a
 Phases are the differences between consecutive marks, so they add up to the totals exactly:
 ``perf/startup_seconds`` (origin -> first step done), ``perf/first_step_seconds`` (state built -> first step
 done: compilation), ``perf/teardown_seconds`` (last step done -> the last mark). A mark a process could not
-take is left out and its phase merges with the next one (``data_load+state_build``). Stdlib only.
+take is left out and its phase merges with the next one (``data_load+state_build``). The same arithmetic serves
+``sdf-ray reconstruct`` and ``sdf-ray mesh`` (:data:`SHAPES`: from the command to the first shape meshed, the
+optimiser actors' marks included). Stdlib only.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 _IMPORTED_AT = time.time()
@@ -42,12 +45,54 @@ MARKS: tuple[tuple[str, str, str], ...] = (
     ("fit_end", "trainer_shutdown", "Ray Train stops its workers and controller"),
     ("exit", "ray_shutdown", "shut down the embedded Ray (or disconnect)"),
 )
-MARK_NAMES = tuple(m for m, _, _ in MARKS)
-PHASE_OF = {m: phase for m, phase, _ in MARKS}
-DESCRIPTION = {phase: text for _, phase, text in MARKS}
-FIRST_STEP, LAST_STEP = "first_step_done", "last_step_done"
+# The same for `sdf-ray reconstruct` and `sdf-ray mesh`: the driver takes the command's marks, the optimiser actors
+# their own (the earliest actor's count), from the first batch an actor runs to its first shape's mesh.
+SHAPE_MARKS: tuple[tuple[str, str, str], ...] = (
+    ("origin", "", "the command (the driver process starts)"),
+    ("checked", "launch", "Python start-up, imports, the run's, dataset's and output's checks"),
+    ("ray_connected", "ray_start", "start an embedded Ray, or connect to a cluster"),
+    ("actor_started", "actor_spawn", "Ray starts the first optimiser actor's process"),
+    ("actor_ready", "actor_init", "its imports (torch), the device, the decoder, the compiled functions set up"),
+    ("first_batch_loaded", "first_load", "the first batch's samples read and on the device"),
+    ("first_batch_optimised", "first_optimise", "the first batch's codes optimised, compilation included"),
+    ("first_batch_decoded", "first_decode", "its sdf_l1 and grids decoded, decoding graphs compiled"),
+    ("first_shape_done", "first_finish", "its first shape meshed and measured (a CPU task)"),
+    ("last_shape_done", "shapes", "every other shape"),
+    ("finished", "finish", "metrics.csv, summary.json and the picture"),
+)
 STARTUP_KEY, FIRST_STEP_KEY, TEARDOWN_KEY = "perf/startup_seconds", "perf/first_step_seconds", "perf/teardown_seconds"
 MARKS_KEY, ORIGIN_KEY, ORIGIN_TIME_KEY = "startup_marks", "startup_origin", "startup_origin_unix"
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The marks of one kind of command, in order; start-up ends at ``first`` and teardown follows ``last``."""
+
+    marks: tuple[tuple[str, str, str], ...]
+    first: str
+    last: str
+    first_what: str
+    """What ``first`` means in the printed breakdown ('first step done', 'first shape done')."""
+    middle: str
+    """The label of the phases between start-up and teardown ('training', 'shapes')."""
+    first_phase_key: str | None = None
+    """A ``perf/*`` field for the phase that ends at ``first`` (training's: compilation)."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(m for m, _, _ in self.marks)
+
+    def phase_of(self, mark: str) -> str:
+        return next(phase for m, phase, _ in self.marks if m == mark)
+
+    def description(self, phase: str) -> str:
+        return next(text for _, p, text in self.marks if p == phase)
+
+
+TRAINING = Timeline(MARKS, "first_step_done", "last_step_done", "first step done", "training", FIRST_STEP_KEY)
+SHAPES = Timeline(SHAPE_MARKS, "first_shape_done", "last_shape_done", "first shape done", "shapes")
+MARK_NAMES = TRAINING.names
+FIRST_STEP, LAST_STEP = TRAINING.first, TRAINING.last
 
 
 def process_start_time() -> float:
@@ -68,15 +113,16 @@ class StartupClock:
     """Marks in seconds since ``origin`` (a wall-clock time). Plain data travels as :meth:`to_dict`."""
 
     def __init__(self, origin: float | None = None, marks: dict[str, float] | None = None,
-                 origin_kind: str = "command") -> None:
+                 origin_kind: str = "command", timeline: Timeline = TRAINING) -> None:
         self.origin = process_start_time() if origin is None else origin
         self.origin_kind = origin_kind  # "command" (the driver process's start) or "trial" (a Tune trial's start)
+        self.timeline = timeline
         self.marks: dict[str, float] = dict(marks or {})
         self.marks.setdefault("origin", 0.0)
 
     def mark(self, name: str, at: float | None = None, *, keep_first: bool = False) -> None:
         """Record ``name`` now (or at the wall-clock time ``at``); ``keep_first`` leaves an earlier mark."""
-        assert name in MARK_NAMES, name
+        assert name in self.timeline.names, name
         if keep_first and name in self.marks:
             return
         self.marks[name] = round((time.time() if at is None else at) - self.origin, 4)
@@ -84,7 +130,7 @@ class StartupClock:
     def merge(self, marks: dict[str, float] | None) -> None:
         """Add another process's marks (same origin); ours win where both have one."""
         for name, value in (marks or {}).items():
-            if name in MARK_NAMES:
+            if name in self.timeline.names:
                 self.marks.setdefault(name, float(value))
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,7 +142,8 @@ class StartupClock:
                    origin_kind=str(data.get("origin_kind", "command")))
 
     def summary_fields(self) -> dict[str, Any]:
-        return {**summary_fields(self.marks), ORIGIN_KEY: self.origin_kind, ORIGIN_TIME_KEY: round(self.origin, 3)}
+        return {**summary_fields(self.marks, self.timeline), ORIGIN_KEY: self.origin_kind,
+                ORIGIN_TIME_KEY: round(self.origin, 3)}
 
     def complete(self, summary: dict[str, Any]) -> dict[str, Any]:
         """``summary`` with this clock's marks added to the ones it carries, and its perf fields recomputed."""
@@ -105,73 +152,77 @@ class StartupClock:
         return {**{k: v for k, v in summary.items() if k not in stale}, **self.summary_fields()}
 
 
-def _ordered(marks: dict[str, float]) -> list[tuple[str, float]]:
+def _ordered(marks: dict[str, float], timeline: Timeline) -> list[tuple[str, float]]:
     """The present marks in run order, each no earlier than the one before it (clocks of different nodes may
     disagree by milliseconds; phases must stay non-negative and still add up)."""
     out: list[tuple[str, float]] = []
     latest = 0.0
-    for name in MARK_NAMES:
+    for name in timeline.names:
         if name in marks:
             latest = max(latest, float(marks[name]))
             out.append((name, latest))
     return out
 
 
-def phases(marks: dict[str, float]) -> list[tuple[str, float, str]]:
+def phases(marks: dict[str, float], timeline: Timeline = TRAINING) -> list[tuple[str, float, str]]:
     """(phase, seconds, end mark) between consecutive present marks; a missing mark merges its phase into the
     next one's name (``data_load+state_build``)."""
     out: list[tuple[str, float, str]] = []
-    ordered = _ordered(marks)
-    index = {name: i for i, name in enumerate(MARK_NAMES)}
+    ordered = _ordered(marks, timeline)
+    names = timeline.names
+    index = {name: i for i, name in enumerate(names)}
     for (prev, t0), (name, t1) in zip(ordered, ordered[1:]):
-        spanned = [PHASE_OF[m] for m in MARK_NAMES[index[prev] + 1:index[name] + 1]]
+        spanned = [timeline.phase_of(m) for m in names[index[prev] + 1:index[name] + 1]]
         out.append(("+".join(spanned), round(t1 - t0, 4), name))
     return out
 
 
-def _is_startup(end_mark: str) -> bool:
-    return MARK_NAMES.index(end_mark) <= MARK_NAMES.index(FIRST_STEP)
+def _is_startup(end_mark: str, timeline: Timeline) -> bool:
+    return timeline.names.index(end_mark) <= timeline.names.index(timeline.first)
 
 
-def _is_teardown(end_mark: str) -> bool:
-    return MARK_NAMES.index(end_mark) > MARK_NAMES.index(LAST_STEP)
+def _is_teardown(end_mark: str, timeline: Timeline) -> bool:
+    return timeline.names.index(end_mark) > timeline.names.index(timeline.last)
 
 
-def summary_fields(marks: dict[str, float]) -> dict[str, Any]:
+def summary_fields(marks: dict[str, float], timeline: Timeline = TRAINING) -> dict[str, Any]:
     """The ``perf/*`` start-up fields of ``summary.json`` (and the marks they come from).
 
     ``perf/phase/<phase>_seconds`` for every phase; the totals are sums of those phases: start-up ends with the
-    first step, teardown starts after the last one. A total whose end marks are missing is left out.
+    timeline's first step (or shape), teardown starts after the last one. A total whose end marks are missing is
+    left out.
     """
     fields: dict[str, Any] = {MARKS_KEY: dict(marks)}
-    listed = phases(marks)
+    listed = phases(marks, timeline)
     for phase, seconds, _ in listed:
         fields[f"perf/phase/{phase}_seconds"] = seconds
-    present = {name for name, _ in _ordered(marks)}
-    if FIRST_STEP in present:
-        fields[STARTUP_KEY] = round(sum(s for _, s, end in listed if _is_startup(end)), 4)
-        if "state_built" in present:
-            fields[FIRST_STEP_KEY] = fields["perf/phase/first_step_seconds"]
-    if LAST_STEP in present:
-        fields[TEARDOWN_KEY] = round(sum(s for _, s, end in listed if _is_teardown(end)), 4)
+    present = {name for name, _ in _ordered(marks, timeline)}
+    if timeline.first in present:
+        fields[STARTUP_KEY] = round(sum(s for _, s, end in listed if _is_startup(end, timeline)), 4)
+        before = timeline.names[timeline.names.index(timeline.first) - 1]
+        if timeline.first_phase_key and before in present:
+            fields[timeline.first_phase_key] = fields[f"perf/phase/{timeline.phase_of(timeline.first)}_seconds"]
+    if timeline.last in present:
+        fields[TEARDOWN_KEY] = round(sum(s for _, s, end in listed if _is_teardown(end, timeline)), 4)
     return fields
 
 
-def format_breakdown(summary: dict[str, Any]) -> str:
+def format_breakdown(summary: dict[str, Any], timeline: Timeline = TRAINING) -> str:
     """The breakdown printed at the end of a run, from its summary's marks."""
     marks = summary.get(MARKS_KEY) or {}
-    listed = phases(marks)
+    listed = phases(marks, timeline)
     if not listed:
         return ""
     head = []
     if STARTUP_KEY in summary:
-        head.append(f"first step done {summary[STARTUP_KEY]:.1f} s after the {_origin_word(summary)}")
+        head.append(f"{timeline.first_what} {summary[STARTUP_KEY]:.1f} s after the {_origin_word(summary)}")
     if TEARDOWN_KEY in summary:
-        head.append(f"teardown {summary[TEARDOWN_KEY]:.1f} s after the last step")
+        head.append(f"teardown {summary[TEARDOWN_KEY]:.1f} s after the last {timeline.first_what.split()[1]}")
     lines = ["time: " + ", ".join(head) if head else "time:"]
     for phase, seconds, end in listed:
-        text = " + ".join(DESCRIPTION[p] for p in phase.split("+"))
-        where = "start-up" if _is_startup(end) else "teardown" if _is_teardown(end) else "training"
+        text = " + ".join(timeline.description(p) for p in phase.split("+"))
+        where = ("start-up" if _is_startup(end, timeline) else "teardown" if _is_teardown(end, timeline)
+                 else timeline.middle)
         lines.append(f"  {where:9s} {phase:28s} {seconds:7.2f} s  {text}")
     return "\n".join(lines)
 

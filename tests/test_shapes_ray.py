@@ -63,6 +63,29 @@ def test_reconstruct_end_to_end(reconstructed, heldout_with_nan):
     assert (out / "reconstructions.png").stat().st_size > 1000
 
 
+def test_summary_says_where_the_time_went_before_the_first_shape(reconstructed):
+    """The driver's and the actors' marks, each taken in its own process, arrive in the order the run reaches
+    them; the start-up total is the command's time to its first shape, and the phases add up to it."""
+    from sdf_ray import startup
+
+    out, _ = reconstructed
+    summary = json.loads((out / "summary.json").read_text())
+    marks = summary[startup.MARKS_KEY]
+    assert set(marks) == set(startup.SHAPES.names)
+    times = [marks[m] for m in startup.SHAPES.names]
+    assert times == sorted(times) and times[0] == 0.0
+    assert summary[startup.STARTUP_KEY] == pytest.approx(marks["first_shape_done"], abs=1e-3)
+    assert summary[startup.TEARDOWN_KEY] == pytest.approx(marks["finished"] - marks["last_shape_done"], abs=1e-3)
+    listed = startup.phases(marks, startup.SHAPES)
+    assert [p for p, _, _ in listed] == [phase for _, phase, _ in startup.SHAPE_MARKS[1:]]
+    assert sum(seconds for _, seconds, _ in listed) == pytest.approx(marks["finished"], abs=1e-3)
+    # Against the shapes' own stage clocks (one shape per batch here): the first batch's optimisation lies inside
+    # the phase that ends with it, and so does its decoding.
+    stages = [json.loads(p.read_text())["stages"] for p in (out / "results").glob("*.json")]
+    assert summary["perf/phase/first_optimise_seconds"] >= min(st["optimise"] for st in stages) > 0
+    assert summary["perf/phase/first_decode_seconds"] >= min(st["measure"] for st in stages) > 0
+
+
 def test_rerun_skips_done_shapes(reconstructed, capsys):
     out, argv = reconstructed
     before = {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
@@ -82,10 +105,16 @@ def test_mesh_training_scenes_from_their_codes(ray_session, shapes_data, tmp_pat
     assert cli(["mesh", "--run", str(shapes_data.run), "--out", str(out), "--scenes", "sphere-1", "sphere-3",
                 *FAST, "--set", "reconstruct.num_workers=1"]) == 0
     # Ray's error line for restartable actors built from object-store arguments (the weights travel per call)
-    assert "constructor arguments in the object store" not in capfd.readouterr().err
+    captured = capfd.readouterr()
+    assert "constructor arguments in the object store" not in captured.err
     rows = read_csv(out / "metrics.csv")
     assert [r["scene"] for r in rows] == ["sphere-1", "sphere-3"]
     assert all(r["status"] == "ok" and r["iterations"] == "0" and float(r["chamfer_l2"]) < 0.05 for r in rows)
+    # No optimisation: that mark is absent and its phase merges into decoding's, in summary.json and on screen.
+    summary = json.loads((out / "summary.json").read_text())
+    assert "first_batch_optimised" not in summary["startup_marks"]
+    assert summary["perf/phase/first_optimise+first_decode_seconds"] >= 0
+    assert "time: first shape done" in captured.out and "first_optimise+first_decode" in captured.out
 
 
 def test_evaluate_meshes_made_elsewhere(ray_session, reconstructed, heldout_with_nan, tmp_path):

@@ -33,6 +33,22 @@ def test_every_phase_adds_up_to_the_totals():
     assert "perf/phase/ray_start_seconds" in per_phase and "perf/phase/trainer_shutdown_seconds" in per_phase
 
 
+def test_the_shapes_timeline_adds_up_the_same_way_and_says_shape():
+    """`reconstruct` and `mesh` use the same arithmetic over their own marks (one second per phase here)."""
+    names = startup.SHAPES.names
+    marks = {name: float(i) for i, name in enumerate(names)}
+    fields = summary_fields(marks, startup.SHAPES)
+    assert fields[STARTUP_KEY] == names.index("first_shape_done")
+    assert fields[TEARDOWN_KEY] == len(names) - 1 - names.index("last_shape_done") == 1.0
+    assert startup.FIRST_STEP_KEY not in fields  # training's compile phase has no counterpart here
+    text = startup.format_breakdown({**fields, "startup_origin": "command"}, startup.SHAPES)
+    assert "first shape done 8.0 s after the command, teardown 1.0 s after the last shape" in text
+    assert "  shapes    shapes " in text and "  start-up  actor_init " in text
+    clock = StartupClock(origin=100.0, timeline=startup.SHAPES)
+    with pytest.raises(AssertionError):
+        clock.mark("first_step_done")  # a training mark is not one of this timeline's
+
+
 def test_a_missing_mark_merges_its_phase_into_the_next():
     marks = {k: v for k, v in ALL.items() if k not in ("data_loaded", "worker_group_up", "process_group_ready")}
     fields = summary_fields(marks)

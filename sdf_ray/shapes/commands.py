@@ -13,11 +13,14 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sdf_ray.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from sdf_ray.startup import StartupClock
 
 log = logging.getLogger("sdf_ray")
 MESH_SUFFIXES = (".ply", ".obj", ".off", ".stl")
@@ -161,14 +164,21 @@ def _contact_sheet(out_dir: Path, rows: Sequence[dict[str, Any]], data_path: str
 
 
 def _finish(out_dir: Path, verb: str, rows: list[dict[str, Any]], started: float, new: int,
-            extra: dict[str, Any], data_path: str | None) -> int:
+            extra: dict[str, Any], data_path: str | None, clock: StartupClock | None = None) -> int:
+    """Tables, summary (with the start-up breakdown of ``clock``, when this run did shapes) and the picture."""
     from sdf_ray.shapes.outputs import summarise, summary_lines, write_tables
+    from sdf_ray.startup import SHAPES, format_breakdown
 
     summary = summarise(rows, seconds=time.perf_counter() - started, shapes_this_run=new, extra=extra)
-    write_tables(out_dir, rows, summary)
     picture = _contact_sheet(out_dir, rows, data_path)
+    if clock is not None:
+        clock.mark("finished")
+        summary.update(clock.summary_fields())
+    write_tables(out_dir, rows, summary)
     for line in summary_lines(summary):
         print(line)
+    if clock is not None:
+        print(format_breakdown(summary, SHAPES))
     print(f"{verb}: results in {out_dir}" + (f"; picture {picture}" if picture else ""))
     counts = summary["counts"]
     return 1 if rows and counts["failed"] == len(rows) else 0
@@ -191,6 +201,7 @@ def _resume(out_dir: Path, scenes: Sequence[Any]) -> tuple[list[dict[str, Any]],
 def _run(verb: str, job: Any, scenes: list[Any], payload: dict[str, Any], codes: np.ndarray | None,
          address: str | None, extra: dict[str, Any]) -> int:
     from sdf_ray.shapes.pipeline import Progress, run_shapes
+    from sdf_ray.startup import SHAPES, StartupClock
 
     out_dir = Path(job.out_dir)
     started = time.perf_counter()
@@ -198,14 +209,24 @@ def _run(verb: str, job: Any, scenes: list[Any], payload: dict[str, Any], codes:
     if done:
         print(f"{verb}: {len(done)} of {len(scenes)} shapes already done in {out_dir}, {len(todo)} to go")
     rows = list(done)
+    clock = None
     if todo:
+        clock = StartupClock(timeline=SHAPES)
+        clock.mark("checked")
         where = _connect(address)
+        clock.mark("ray_connected")
         print(f"sdf-ray {verb}: {len(todo)} shapes on {where}", flush=True)
         progress = Progress(verb, len(todo))
+
+        def on_row(row: dict[str, Any], clock: StartupClock = clock) -> None:
+            clock.mark("first_shape_done", keep_first=True)
+            clock.mark("last_shape_done")
+            progress.update(row["status"])
+
         todo_scenes = [scenes[j] for j in todo]
         todo_codes = None if codes is None else codes[todo]
-        rows += run_shapes(job, todo_scenes, payload, todo_codes, on_row=lambda r: progress.update(r["status"]))
-    return _finish(out_dir, verb, rows, started, len(todo), extra, job.data_path)
+        rows += run_shapes(job, todo_scenes, payload, todo_codes, on_row=on_row, clock=clock)
+    return _finish(out_dir, verb, rows, started, len(todo), extra, job.data_path, clock)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import numpy as np
 from sdf_ray.errors import ClusterError, cause_line, first_line
 from sdf_ray.shapes.outputs import SceneInfo
 from sdf_ray.shapes.work import Job, ShapeWorker, evaluate_mesh_file, failed_row, finish_shape
+from sdf_ray.startup import StartupClock
 
 log = logging.getLogger("sdf_ray")
 
@@ -70,9 +71,16 @@ class _RemoteShapeWorker:
     """
 
     def __init__(self, job: Job, device: str) -> None:
+        from sdf_ray.startup import process_start_time
+
         self.job, self.device = job, device
         self.worker: ShapeWorker | None = None
         self._building = threading.Lock()  # calls run in threads when batches_in_flight > 1
+        self._marks = {"actor_started": process_start_time()}
+
+    def startup_marks(self) -> dict[str, float]:
+        """Wall-clock times: this process started, the worker was ready, its first batch's steps."""
+        return {**self._marks, **(self.worker.marks if self.worker is not None else {})}
 
     def run_split(self, decoder_payload: list[Any], scene_ids: Sequence[int], codes_BL: np.ndarray | None) -> Any:
         with self._building:
@@ -80,6 +88,7 @@ class _RemoteShapeWorker:
                 import ray
 
                 self.worker = ShapeWorker(ray.get(decoder_payload[0]), self.job, self.device)
+                self._marks["actor_ready"] = time.time()
         try:
             outs = self.worker.run(scene_ids, codes_BL)
         except Exception as exc:
@@ -164,10 +173,11 @@ def _duration(seconds: float) -> str:
 
 def run_shapes(job: Job, scenes: Sequence[SceneInfo], decoder_payload: dict[str, Any],
                codes_NL: np.ndarray | None = None, on_row: Callable[[dict[str, Any]], None] | None = None,
-               ) -> list[dict[str, Any]]:
+               clock: StartupClock | None = None) -> list[dict[str, Any]]:
     """Optimise/decode ``scenes`` on actors and mesh/measure them in CPU tasks; returns one record per scene.
 
-    ``codes_NL`` (``mesh`` mode): row j is the learned code of ``scenes[j]``. Ray must be connected.
+    ``codes_NL`` (``mesh`` mode): row j is the learned code of ``scenes[j]``. ``clock`` (``startup.SHAPES``)
+    receives the actors' start-up marks, each the earliest actor's. Ray must be connected.
     """
     import ray
 
@@ -229,10 +239,29 @@ def run_shapes(job: Job, scenes: Sequence[SceneInfo], decoder_payload: dict[str,
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
+        if clock is not None:
+            _collect_marks(actors, clock)
     finally:
         for actor in actors:
             ray.kill(actor)
     return rows
+
+
+def _collect_marks(actors: Sequence[Any], clock: StartupClock) -> None:
+    """The actors' start-up marks into ``clock``: per mark, the earliest actor's (a dead one is left out)."""
+    import ray
+
+    found: list[dict[str, float]] = []
+    for ref in [actor.startup_marks.remote() for actor in actors]:
+        try:
+            found.append(ray.get(ref, timeout=10.0))
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+            log.debug("no start-up marks from an actor: %s", cause_line(exc))
+    for name in ("actor_started", "actor_ready", "first_batch_loaded", "first_batch_optimised",
+                 "first_batch_decoded"):
+        times = [m[name] for m in found if name in m]
+        if times:
+            clock.mark(name, at=min(times), keep_first=True)
 
 
 def evaluate_meshes(items: Sequence[tuple[str, SceneInfo]], data_path: str, cfg: Any, frame: Any,

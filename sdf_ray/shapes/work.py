@@ -100,6 +100,8 @@ class ShapeWorker:
         self.prepared = prepare(build_decoder(decoder_payload, self.device), self.cfg, job.clamp_dist,
                                 compile=bool(self.cfg.compile))
         self.manifest = read_manifest(job.data_path) if job.data_path else None
+        self.marks: dict[str, float] = {}
+        """Wall-clock times of the first batch's steps (``startup.SHAPES``): loaded, optimised, decoded."""
         self._optimising = threading.Lock()
         self._first_batch = threading.Lock()
         self._warm = False
@@ -158,6 +160,7 @@ class ShapeWorker:
                   if job.data_path is not None else None)
         bank = SampleBank.build(shapes, self.device) if shapes is not None else None
         t_load = time.perf_counter() - t0
+        self.marks.setdefault("first_batch_loaded", time.time())
         outs: list[ShapeOutput] = []
         waited = optimised = 0.0
         if job.mode == "reconstruct":
@@ -169,6 +172,7 @@ class ShapeWorker:
                 found = reconstruct_codes(self.prepared.step, bank, cfg, job.clamp_dist, job.latent_size,
                                           self.static_batch)
                 optimised = time.perf_counter() - t_start
+            self.marks.setdefault("first_batch_optimised", time.time())
             for r, s in zip(found, shapes):
                 outs.append(ShapeOutput(r.scene_id, r.status, r.reason, r.code.numpy(), r.loss, r.iterations,
                                         r.attempts, dropped_nan_samples=s.dropped_nan_rows))
@@ -181,6 +185,7 @@ class ShapeWorker:
         if good:
             with self._stream(measure=True):
                 self._measure(outs, good, bank, shapes)
+            self.marks.setdefault("first_batch_decoded", time.time())
         for o in outs:
             o.stages.update(load=t_load / len(outs), wait=waited / len(outs), optimise=optimised / len(outs))
         return outs
