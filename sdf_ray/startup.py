@@ -58,7 +58,7 @@ SHAPE_MARKS: tuple[tuple[str, str, str], ...] = (
     ("first_batch_decoded", "first_decode", "its sdf_l1 and grids decoded, decoding graphs compiled"),
     ("first_shape_done", "first_finish", "its first shape meshed and measured (a CPU task)"),
     ("last_shape_done", "shapes", "every other shape"),
-    ("finished", "finish", "metrics.csv, summary.json and the picture"),
+    ("finished", "finish", "the actors stopped, metrics.csv and the picture written"),
 )
 STARTUP_KEY, FIRST_STEP_KEY, TEARDOWN_KEY = "perf/startup_seconds", "perf/first_step_seconds", "perf/teardown_seconds"
 MARKS_KEY, ORIGIN_KEY, ORIGIN_TIME_KEY = "startup_marks", "startup_origin", "startup_origin_unix"

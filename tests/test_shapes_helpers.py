@@ -155,3 +155,15 @@ FAST = ["--set", "reconstruct.num_iterations=40", "--set", "reconstruct.samples_
         "--set", "reconstruct.num_workers=2", "--set", "reconstruct.cpus_per_worker=0.5",
         "--set", "reconstruct.cpus_per_mesh_task=0.5"]
 """Settings that keep a reconstruction of a few tiny shapes to seconds (2 actors on a 2-CPU Ray)."""
+
+
+class MarksActor:
+    """Stands in for an optimiser actor's ``startup_marks`` (tests of ``pipeline._collect_marks``)."""
+
+    def __init__(self, marks: dict[str, float], fail: bool = False) -> None:
+        self.marks, self.fail = marks, fail
+
+    def startup_marks(self) -> dict[str, float]:
+        if self.fail:
+            raise RuntimeError("the actor is gone")
+        return self.marks

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sdf_ray.data.format import read_manifest
-from tests.test_shapes_helpers import FAST, ShapesData, build_shapes_data, cli, inject_nan_rows
+from tests.test_shapes_helpers import FAST, MarksActor, ShapesData, build_shapes_data, cli, inject_nan_rows
 
 pytestmark = pytest.mark.ray
 
@@ -84,6 +84,28 @@ def test_summary_says_where_the_time_went_before_the_first_shape(reconstructed):
     stages = [json.loads(p.read_text())["stages"] for p in (out / "results").glob("*.json")]
     assert summary["perf/phase/first_optimise_seconds"] >= min(st["optimise"] for st in stages) > 0
     assert summary["perf/phase/first_decode_seconds"] >= min(st["measure"] for st in stages) > 0
+
+
+def test_start_up_marks_are_the_earliest_actors_and_never_fail_the_run(ray_session):
+    """Per mark the earliest actor's; a mark after the first shape (a restarted actor's) is not start-up; an actor
+    that fails to answer is left out without an error."""
+    import ray
+
+    from sdf_ray.shapes.pipeline import _collect_marks
+    from sdf_ray.startup import SHAPES, StartupClock
+
+    clock = StartupClock(origin=1000.0, timeline=SHAPES)
+    clock.mark("first_shape_done", at=1050.0)
+    actor = ray.remote(num_cpus=0)(MarksActor)
+    actors = [actor.remote({"actor_started": 1010.0, "actor_ready": 1020.0, "first_batch_loaded": 1021.0}),
+              actor.remote({"actor_started": 1005.0, "actor_ready": 1060.0, "first_batch_decoded": 1070.0}),
+              actor.remote({}, fail=True)]
+    _collect_marks(actors, clock)
+    assert {k: clock.marks[k] for k in ("actor_started", "actor_ready", "first_batch_loaded")} == {
+        "actor_started": 5.0, "actor_ready": 20.0, "first_batch_loaded": 21.0}
+    assert "first_batch_optimised" not in clock.marks and "first_batch_decoded" not in clock.marks
+    for a in actors:
+        ray.kill(a)
 
 
 def test_rerun_skips_done_shapes(reconstructed, capsys):

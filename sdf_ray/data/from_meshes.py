@@ -321,11 +321,9 @@ def sample_mesh_task(name: str, source: str | bytes, file_type: str, cfg_dict: d
 
 
 def _connect(address: str | None) -> str:
-    try:
-        from sdf_ray.ray_session import connect_ray
-    except ImportError:  # before the Ray session module existed
-        from sdf_ray.cli import connect_ray  # type: ignore[no-redef,attr-defined]
-    return str(connect_ray(address, ray_train=False))
+    from sdf_ray.ray_session import connect_ray
+
+    return connect_ray(address, ray_train=False)
 
 
 class _Progress:

@@ -166,15 +166,17 @@ def _contact_sheet(out_dir: Path, rows: Sequence[dict[str, Any]], data_path: str
 def _finish(out_dir: Path, verb: str, rows: list[dict[str, Any]], started: float, new: int,
             extra: dict[str, Any], data_path: str | None, clock: StartupClock | None = None) -> int:
     """Tables, summary (with the start-up breakdown of ``clock``, when this run did shapes) and the picture."""
-    from sdf_ray.shapes.outputs import summarise, summary_lines, write_tables
+    from sdf_ray.fsutil import write_json_atomic
+    from sdf_ray.shapes.outputs import SUMMARY_FILE, summarise, summary_lines, write_tables
     from sdf_ray.startup import SHAPES, format_breakdown
 
     summary = summarise(rows, seconds=time.perf_counter() - started, shapes_this_run=new, extra=extra)
+    write_tables(out_dir, rows, summary)  # first: the picture takes seconds, and Ctrl-C then loses no table
     picture = _contact_sheet(out_dir, rows, data_path)
     if clock is not None:
         clock.mark("finished")
         summary.update(clock.summary_fields())
-    write_tables(out_dir, rows, summary)
+        write_json_atomic(out_dir / SUMMARY_FILE, summary)
     for line in summary_lines(summary):
         print(line)
     if clock is not None:

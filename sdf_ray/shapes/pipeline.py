@@ -248,20 +248,29 @@ def run_shapes(job: Job, scenes: Sequence[SceneInfo], decoder_payload: dict[str,
 
 
 def _collect_marks(actors: Sequence[Any], clock: StartupClock) -> None:
-    """The actors' start-up marks into ``clock``: per mark, the earliest actor's (a dead one is left out)."""
+    """The actors' start-up marks into ``clock``: per mark, the earliest actor's. Marks after the first shape was
+    done come from an actor Ray restarted, not from the start-up, and are left out; so is an actor that does not
+    answer within 10 s in all. A diagnostic: it never fails the run."""
     import ray
 
-    found: list[dict[str, float]] = []
-    for ref in [actor.startup_marks.remote() for actor in actors]:
-        try:
-            found.append(ray.get(ref, timeout=10.0))
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
-            log.debug("no start-up marks from an actor: %s", cause_line(exc))
-    for name in ("actor_started", "actor_ready", "first_batch_loaded", "first_batch_optimised",
-                 "first_batch_decoded"):
-        times = [m[name] for m in found if name in m]
-        if times:
-            clock.mark(name, at=min(times), keep_first=True)
+    try:
+        refs = [actor.startup_marks.remote() for actor in actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10.0)
+        found: list[dict[str, float]] = []
+        for ref in ready:
+            try:
+                found.append(ray.get(ref))
+            except ray.exceptions.RayError as exc:
+                log.debug("no start-up marks from an actor: %s", cause_line(exc))
+        first_shape = clock.marks.get("first_shape_done")
+        latest = float("inf") if first_shape is None else clock.origin + first_shape
+        for name in ("actor_started", "actor_ready", "first_batch_loaded", "first_batch_optimised",
+                     "first_batch_decoded"):
+            times = [m[name] for m in found if name in m and m[name] <= latest]
+            if times:
+                clock.mark(name, at=min(times), keep_first=True)
+    except Exception as exc:  # the shapes are done and written: a missing breakdown must not lose them
+        log.debug("start-up marks not collected: %s", exc)
 
 
 def evaluate_meshes(items: Sequence[tuple[str, SceneInfo]], data_path: str, cfg: Any, frame: Any,

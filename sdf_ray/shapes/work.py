@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -113,27 +113,41 @@ class ShapeWorker:
                 torch.backends.cuda.matmul.allow_tf32 = True
             torch.cuda.synchronize(self.device)  # the weights are on the default stream; the threads use others
 
-    def _stream(self, measure: bool = False) -> contextlib.AbstractContextManager[Any]:
-        """This thread's CUDA stream (made on first use), as a context; nothing on CPUs.
-
-        ``measure``: the thread's stream for ``sdf_l1`` and decoding, at the highest priority, after the work
-        queued so far on the current one. Decoding syncs with the host a few times per shape, and at the default
-        priority each sync would wait behind the other thread's queue of optimisation GEMMs; at a higher priority
-        its kernels go to the SMs first as blocks free up, so the batch's grids are out (and the next batch can
-        start) while the other batch keeps the GPU busy.
-        """
+    def _stream(self) -> contextlib.AbstractContextManager[Any]:
+        """This thread's CUDA stream (made on first use), as a context; nothing on CPUs."""
         import torch
 
         if self.device.type != "cuda":
             return contextlib.nullcontext()
-        name = "measure_stream" if measure else "stream"
-        stream = getattr(self._local, name, None)
+        stream = getattr(self._local, "stream", None)
         if stream is None:
-            stream = torch.cuda.Stream(self.device, priority=-100 if measure else 0)  # clamped to the range
-            setattr(self._local, name, stream)
-        if measure:
-            stream.wait_stream(torch.cuda.current_stream(self.device))
+            stream = self._local.stream = torch.cuda.Stream(self.device)
         return torch.cuda.stream(stream)
+
+    @contextlib.contextmanager
+    def _measure_stream(self) -> Iterator[None]:
+        """This thread's stream for ``sdf_l1`` and decoding, at the highest priority, after the work queued so far
+        on the current one; the current one waits for it afterwards (tensors of the batch go back to its pool).
+
+        Decoding syncs with the host a few times per shape, and at the default priority each sync waited behind
+        the other thread's queue of optimisation GEMMs; at a higher priority its kernels take SMs as blocks free
+        up (measured on an H200: docs/performance.md, session 8). Nothing on CPUs.
+        """
+        import torch
+
+        if self.device.type != "cuda":
+            yield
+            return
+        stream = getattr(self._local, "measure_stream", None)
+        if stream is None:
+            stream = self._local.measure_stream = torch.cuda.Stream(self.device, priority=-100)  # clamped
+        current = torch.cuda.current_stream(self.device)
+        stream.wait_stream(current)
+        try:
+            with torch.cuda.stream(stream):
+                yield
+        finally:
+            current.wait_stream(stream)
 
     def run(self, scene_ids: Sequence[int], codes_BL: np.ndarray | None = None) -> list[ShapeOutput]:
         """Optimise (``reconstruct``) or take ``codes_BL`` (``mesh``), then measure and decode every shape."""
@@ -183,7 +197,7 @@ class ShapeWorker:
                                         dropped_nan_samples=shapes[j].dropped_nan_rows if shapes else 0))
         good = [j for j, o in enumerate(outs) if o.status == "ok"]
         if good:
-            with self._stream(measure=True):
+            with self._measure_stream():
                 self._measure(outs, good, bank, shapes)
             self.marks.setdefault("first_batch_decoded", time.time())
         for o in outs:
