@@ -70,9 +70,10 @@ class ShapeWorker:
     """The device side: one per GPU (or CPU worker). ``run`` processes a batch of scenes.
 
     ``run`` may be called from several threads at once (``reconstruct.batches_in_flight``): each thread works on
-    a CUDA stream of its own, so its host syncs (decoding plans, transfers) wait for its own kernels only, and
+    CUDA streams of its own, so its host syncs (decoding plans, transfers) wait for its own kernels only, and
     the optimisations take turns under a lock (two at once would only split the GPU between them, and the
-    second batch's results would come later). The first batch runs alone.
+    second batch's results would come later); a thread decodes on a high-priority stream, so that its decoding
+    is not queued behind the other thread's optimisation. The first batch runs alone.
     """
 
     def __init__(self, decoder_payload: dict[str, Any], job: Job, device: str) -> None:
