@@ -51,7 +51,7 @@ SHAPE_MARKS: tuple[tuple[str, str, str], ...] = (
     ("origin", "", "the command (the driver process starts)"),
     ("checked", "launch", "Python start-up, imports, the run's, dataset's and output's checks"),
     ("ray_connected", "ray_start", "start an embedded Ray, or connect to a cluster"),
-    ("actor_started", "actor_spawn", "Ray starts the first optimiser actor's process"),
+    ("actor_started", "actor_spawn", "Ray starts the first optimiser actor's process (0: a pooled one)"),
     ("actor_ready", "actor_init", "its imports (torch), the device, the decoder, the compiled functions set up"),
     ("first_batch_loaded", "first_load", "the first batch's samples read and on the device"),
     ("first_batch_optimised", "first_optimise", "the first batch's codes optimised, compilation included"),

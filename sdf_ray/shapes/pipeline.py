@@ -248,9 +248,9 @@ def run_shapes(job: Job, scenes: Sequence[SceneInfo], decoder_payload: dict[str,
 
 
 def _collect_marks(actors: Sequence[Any], clock: StartupClock) -> None:
-    """The actors' start-up marks into ``clock``: per mark, the earliest actor's. Marks after the first shape was
-    done come from an actor Ray restarted, not from the start-up, and are left out; so is an actor that does not
-    answer within 10 s in all. A diagnostic: it never fails the run."""
+    """The actors' start-up marks into ``clock``: per mark, the earliest actor's, no earlier than Ray's connection.
+    Marks after the first shape was done come from an actor Ray restarted, not from the start-up, and are left
+    out; so is an actor that does not answer within 10 s in all. A diagnostic: it never fails the run."""
     import ray
 
     try:
@@ -264,9 +264,12 @@ def _collect_marks(actors: Sequence[Any], clock: StartupClock) -> None:
                 log.debug("no start-up marks from an actor: %s", cause_line(exc))
         first_shape = clock.marks.get("first_shape_done")
         latest = float("inf") if first_shape is None else clock.origin + first_shape
+        # A process Ray started earlier and hands to the actor (an idle pooled worker) started before this job:
+        # its actor started when Ray was connected at the earliest.
+        earliest = clock.origin + clock.marks.get("ray_connected", 0.0)
         for name in ("actor_started", "actor_ready", "first_batch_loaded", "first_batch_optimised",
                      "first_batch_decoded"):
-            times = [m[name] for m in found if name in m and m[name] <= latest]
+            times = [max(m[name], earliest) for m in found if name in m and m[name] <= latest]
             if times:
                 clock.mark(name, at=min(times), keep_first=True)
     except Exception as exc:  # the shapes are done and written: a missing breakdown must not lose them
