@@ -113,9 +113,13 @@ def test_start_up_marks_are_the_earliest_actors_and_never_fail_the_run(ray_sessi
 def test_rerun_skips_done_shapes(reconstructed, capsys):
     out, argv = reconstructed
     before = {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
+    breakdown = {k: v for k, v in json.loads((out / "summary.json").read_text()).items() if k.startswith("perf/")}
     capsys.readouterr()
     assert cli(argv) == 0
     assert "3 of 3 shapes already done" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shapes_this_run"] == 0 and "perf/startup_seconds" in breakdown
+    assert {k: v for k, v in summary.items() if k.startswith("perf/")} == breakdown  # the working run's, kept
     assert {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")} == before
     redo = next(iter(before))
     redo.unlink()

@@ -171,6 +171,8 @@ def _finish(out_dir: Path, verb: str, rows: list[dict[str, Any]], started: float
     from sdf_ray.startup import SHAPES, format_breakdown
 
     summary = summarise(rows, seconds=time.perf_counter() - started, shapes_this_run=new, extra=extra)
+    if clock is None:  # nothing was done this time: keep the breakdown of the run that did the shapes
+        summary.update(_startup_fields(out_dir / SUMMARY_FILE))
     write_tables(out_dir, rows, summary)  # first: the picture takes seconds, and Ctrl-C then loses no table
     picture = _contact_sheet(out_dir, rows, data_path)
     if clock is not None:
@@ -184,6 +186,19 @@ def _finish(out_dir: Path, verb: str, rows: list[dict[str, Any]], started: float
     print(f"{verb}: results in {out_dir}" + (f"; picture {picture}" if picture else ""))
     counts = summary["counts"]
     return 1 if rows and counts["failed"] == len(rows) else 0
+
+
+def _startup_fields(summary_path: Path) -> dict[str, Any]:
+    """The start-up breakdown (``startup_*``, ``perf/*``) of an earlier ``summary.json``; {} if there is none."""
+    import json
+
+    try:
+        earlier = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(earlier, dict):
+        return {}
+    return {k: v for k, v in earlier.items() if k.startswith(("startup_", "perf/"))}
 
 
 def _resume(out_dir: Path, scenes: Sequence[Any]) -> tuple[list[dict[str, Any]], list[int]]:
