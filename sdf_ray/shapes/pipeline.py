@@ -45,7 +45,7 @@ import numpy as np
 from sdf_ray.errors import ClusterError, cause_line, first_line
 from sdf_ray.shapes.outputs import SceneInfo
 from sdf_ray.shapes.work import Job, ShapeWorker, evaluate_mesh_file, failed_row, finish_shape
-from sdf_ray.startup import StartupClock
+from sdf_ray.startup import SHAPES, StartupClock
 
 log = logging.getLogger("sdf_ray")
 
@@ -247,6 +247,10 @@ def run_shapes(job: Job, scenes: Sequence[SceneInfo], decoder_payload: dict[str,
     return rows
 
 
+# The marks an optimiser actor takes: those of the SHAPES timeline between Ray's connection and the first shape.
+ACTOR_MARKS = SHAPES.names[SHAPES.names.index("ray_connected") + 1:SHAPES.names.index("first_shape_done")]
+
+
 def _collect_marks(actors: Sequence[Any], clock: StartupClock) -> None:
     """The actors' start-up marks into ``clock``: per mark, the earliest actor's, no earlier than Ray's connection.
     Marks after the first shape was done come from an actor Ray restarted, not from the start-up, and are left
@@ -267,8 +271,7 @@ def _collect_marks(actors: Sequence[Any], clock: StartupClock) -> None:
         # A process Ray started earlier and hands to the actor (an idle pooled worker) started before this job:
         # its actor started when Ray was connected at the earliest.
         earliest = clock.origin + clock.marks.get("ray_connected", 0.0)
-        for name in ("actor_started", "actor_ready", "first_batch_loaded", "first_batch_optimised",
-                     "first_batch_decoded"):
+        for name in ACTOR_MARKS:
             times = [max(m[name], earliest) for m in found if name in m and m[name] <= latest]
             if times:
                 clock.mark(name, at=min(times), keep_first=True)
