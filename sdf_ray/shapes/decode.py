@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sdf_ray.shapes.meshing import GridSpec, SparseGrid, cell_blocks, coarse_points, parent_blocks
-from sdf_ray.shapes.reconstruct import precision_context
+from sdf_ray.shapes.reconstruct import decoding_context
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def decode_shared(decoder: nn.Module, codes_BL: torch.Tensor, points_P3: torch.T
         n = xyz.shape[0]
         if pad and n < chunk:
             xyz = torch.cat([xyz, xyz.new_zeros(chunk - n, 3)])
-        with precision_context(precision, points_P3.device):
+        with decoding_context(decoder, precision, points_P3.device):
             values = decoder(latent, xyz.unsqueeze(0)).float()[:, :n]
         # A CUDA-graphed decoder (compile mode reduce-overhead) overwrites its output on the next call.
         out.append(values.clone() if pad else values)

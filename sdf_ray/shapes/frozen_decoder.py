@@ -25,10 +25,21 @@ or gradient turns non-finite is frozen), and ``trained_run.load_trained_run`` re
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 from torch import nn
 
 from sdf_ray.model import DeepSDFDecoder, point_term
+
+
+def autocast_off(device_type: str) -> Any:
+    """Autocast switched off where it is on, else no context at all: a compiled graph then holds no autocast node,
+    which AOTAutograd's cache refuses (a warm-cache start would trace and partition again)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def compute_dtype(precision: str, decoder: nn.Module) -> torch.dtype:
@@ -85,7 +96,7 @@ class FrozenDecoder(nn.Module):
         hs: list[torch.Tensor] = []
         h: torch.Tensor | None = None
         shape: tuple[int, ...] = ()
-        with torch.autocast(device_type=xyz.device.type, enabled=False):  # the dtypes here are the precision
+        with autocast_off(xyz.device.type):  # the dtypes here are the precision
             for i in range(self.num_hidden):
                 if not self.reads_input[i]:
                     assert h is not None
@@ -118,7 +129,7 @@ class FrozenDecoder(nn.Module):
         the tanh: see :meth:`output_gradient`), where ``hs`` came from :meth:`trace` with codes ``[B, 1, L]``
         against points ``[B, S, 3]``."""
         B, S = g_lin_BS.shape
-        with torch.autocast(device_type=g_lin_BS.device.type, enabled=False):
+        with autocast_off(g_lin_BS.device.type):
             g_h = (g_lin_BS.reshape(B * S, 1).to(self.acc) * self._t("w_out")).to(self.dtype)
             grad = torch.zeros(B, self.latent_size, dtype=self.acc, device=g_lin_BS.device)
             for i in range(self.num_hidden - 1, -1, -1):

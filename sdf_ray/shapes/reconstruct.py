@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,16 @@ def precision_context(precision: str, device: torch.device) -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32 = previous
     else:
         yield
+
+
+def decoding_context(decoder: nn.Module, precision: str, device: torch.device) -> Any:
+    """:func:`precision_context` for running ``decoder`` (compiled or not), except that a :class:`FrozenDecoder`
+    computes in its own dtypes: bf16 autocast around it would only be switched off again inside its graph."""
+    from sdf_ray.shapes.frozen_decoder import FrozenDecoder
+
+    if precision == "bf16" and isinstance(getattr(decoder, "_orig_mod", decoder), FrozenDecoder):
+        return contextlib.nullcontext()
+    return precision_context(precision, device)
 
 
 def freeze(decoder: nn.Module) -> nn.Module:
@@ -366,7 +377,7 @@ def sdf_l1(decoder: nn.Module, bank: SampleBank, codes_BL: torch.Tensor, clamp_d
         code = codes_BL[b].to(device, torch.float32)
         for at in range(0, count, points_per_forward):
             chunk = rows[at:at + points_per_forward]
-            with precision_context(precision, device):
+            with decoding_context(decoder, precision, device):
                 pred = decoder(code, chunk[:, :3])
             err = (pred.float().clamp(-clamp_dist, clamp_dist) - chunk[:, 3].clamp(-clamp_dist, clamp_dist)).abs()
             totals[b] += err.sum(dtype=torch.float64)
