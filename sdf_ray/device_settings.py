@@ -73,9 +73,17 @@ COMPILE_CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 def use_compile_cache(cache_dir: str) -> dict[str, str]:
     """Point torch.compile's caches (inductor's, and Triton's kernels) at ``cache_dir``, shared by every run and
     sweep trial under one storage path; a variable already set (by the user, or the job's runtime env) wins.
-    Set before anything compiles: both read their variable when they first need the directory."""
+    Set before anything compiles: both read their variable when they first need the directory. A value that torch
+    set itself, when this process imported it early (:func:`sdf_ray.startup.start_worker_imports`), is replaced."""
+    from sdf_ray.startup import environment_before_imports
+
+    before = environment_before_imports()
     for name, sub in zip(COMPILE_CACHE_ENV, ("inductor", "triton")):
-        os.environ.setdefault(name, str(Path(cache_dir) / sub))
+        ours = str(Path(cache_dir) / sub)
+        if before is not None and name not in before:
+            os.environ[name] = ours
+        else:
+            os.environ.setdefault(name, ours)
     return {name: os.environ[name] for name in COMPILE_CACHE_ENV}
 
 

@@ -204,7 +204,7 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None, start
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from sdf_ray.ray_session import train_backend_config
+    from sdf_ray.ray_session import train_backend_config, train_worker_runtime_env
     from sdf_ray.worker import train_fn_per_worker
 
     s = cfg.scaling
@@ -224,6 +224,7 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None, start
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             callbacks=callbacks,
+            worker_runtime_env=train_worker_runtime_env(),
             # Ray Train's own INFO lines repeat every metrics dict; rank 0's progress lines say it better.
             logging_config=LoggingConfig(log_level="INFO" if cfg.logging.level == "DEBUG" else "WARNING"),
         ),

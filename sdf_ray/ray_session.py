@@ -353,6 +353,30 @@ def train_backend_config(backend: str) -> Any:
     return TorchConfigOffController(backend=backend)
 
 
+# Workaround: Ray's worker-process setup hook for the actors of one run. ``runtime_env["worker_process_setup_hook"]``
+# is honoured only in a job's runtime env (``ray.init``); in an actor's it is a no-op field. Ray implements the
+# hook as the environment variable ``WORKER_PROCESS_SETUP_HOOK_ENV_VAR``, read by every worker process at start
+# (``ray/_private/workers/default_worker.py``, Ray 2.60), so Ray Train's workers get it through their runtime env
+# (``RunConfig.worker_runtime_env``). Not job-wide: Ray Train's controller would import torch too (see
+# train_backend_config below). A user's job-level hook wins: their workers run theirs, and import as before.
+# Delete when: an actor-level runtime env takes ``worker_process_setup_hook``. Check: the hook still runs in a
+# Train worker (tests/test_train_ray.py, ``startup_worker_imports_preloaded``).
+WORKER_SETUP_HOOK = "sdf_ray.startup.start_worker_imports"
+
+
+def train_worker_runtime_env() -> dict[str, Any]:
+    """The runtime env of sdf-ray's Ray Train workers: they start importing torch as soon as their process starts
+    (:func:`sdf_ray.startup.start_worker_imports`), unless the job has a setup hook of its own."""
+    import ray
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+    # (get_runtime_context() would start a Ray of its own when none is connected.)
+    job_env = ((ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}).get("env_vars") or {}
+    if WORKER_PROCESS_SETUP_HOOK_ENV_VAR in job_env or os.environ.get(WORKER_PROCESS_SETUP_HOOK_ENV_VAR):
+        return {}
+    return {"env_vars": {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: WORKER_SETUP_HOOK}}
+
+
 def quiet_train_report_log() -> None:
     """Silence the INFO line Ray Train V2 logs on every report (the whole metrics dict), on this worker.
 

@@ -26,7 +26,7 @@ from sdf_ray.dist import default_collectives
 from sdf_ray.fsutil import write_json_atomic, write_text_atomic
 from sdf_ray.ray_session import quiet_train_report_log
 from sdf_ray.run_files import RESOLVED_CONFIG_FILE, SUMMARY_FILE, WORKER_GROUP_STARTS_FILE
-from sdf_ray.startup import StartupClock, remote_marks
+from sdf_ray.startup import StartupClock, process_start_time, remote_marks, worker_imports_started
 from sdf_ray.train_loop import run_training
 
 log = logging.getLogger("sdf_ray")
@@ -59,6 +59,7 @@ class _Timeline:
 
     def __init__(self, loop_config: dict[str, Any], device: torch.device) -> None:
         self.clock = StartupClock.from_dict(loop_config["startup"]) if "startup" in loop_config else StartupClock()
+        self.clock.mark("worker_process_started", process_start_time())
         for name, at in remote_marks().items():  # Ray Train's controller: worker group up, process group ready
             self.clock.mark(name, at)
         self.device = device
@@ -125,6 +126,8 @@ def _summary(summary: dict[str, Any], cfg: TrainConfig, device: torch.device, ti
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "perf/checkpoint_seconds": round(timeline.checkpoint_s, 3), "perf/num_checkpoints": timeline.num_checkpoints,
         "compile_cache": cache_env,
+        # Whether Ray ran sdf-ray's setup hook in this worker process (ray_session.train_worker_runtime_env).
+        "startup_worker_imports_preloaded": worker_imports_started(),
     }
     if device.type == "cuda":
         extra["perf/peak_gpu_memory_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)

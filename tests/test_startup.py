@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -132,18 +133,66 @@ def test_a_healthy_run_reports_its_startup_and_prints_no_resource_request_traceb
     assert summary[STARTUP_KEY] == pytest.approx(marks["first_step_done"], abs=1e-3)
     assert summary[STARTUP_KEY] + summary["perf/phase/training_seconds"] + summary[TEARDOWN_KEY] == pytest.approx(
         marks["exit"], abs=1e-3)
+    # Ray ran sdf-ray's setup hook in the Train worker (not job-wide: the controller must not import torch).
+    assert summary["startup_worker_imports_preloaded"] is True
     assert "device cpu  precision fp32  compile off" in proc.stdout
     assert "first step done" in proc.stdout and "ray_start" in proc.stdout
 
 
-def test_the_modules_imported_while_ray_starts_do_not_import_ray():
-    """``launch.DRIVER_IMPORTS`` are imported in a thread beside ``ray.init``: one that imported Ray could wait on
-    the main thread's imports while the main thread waits on it."""
+@pytest.mark.parametrize("which", ["driver", "worker"])
+def test_the_modules_imported_in_a_thread_do_not_import_ray(which):
+    """``launch.DRIVER_IMPORTS`` are imported in a thread beside ``ray.init``, ``startup.WORKER_IMPORTS`` beside a
+    Ray Train worker's set-up: one that imported Ray could wait on the main thread's imports while the main thread
+    waits on it."""
     from sdf_ray.launch import DRIVER_IMPORTS
 
-    code = f"import importlib, sys; [importlib.import_module(m) for m in {DRIVER_IMPORTS!r}]; print('ray' in sys.modules)"
+    modules = DRIVER_IMPORTS if which == "driver" else startup.WORKER_IMPORTS
+    code = f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_worker_setup_hook_returns_at_once_and_imports_in_a_daemon_thread():
+    code = ("import sys, time; from sdf_ray import startup; t = time.time(); startup.start_worker_imports(); "
+            "returned = time.time() - t; thread = startup._WORKER_IMPORTS[0]; print(thread._thread.daemon, "
+            "'torch._dynamo' in sys.modules); thread.finish(); print(returned < 0.5, startup.worker_imports_started(), "
+            "all(m in sys.modules for m in startup.WORKER_IMPORTS))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "True", "True", "True"], out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("user_value", [None, "/theirs"])
+def test_the_compile_cache_survives_torch_setting_its_default_during_the_early_imports(user_value):
+    """``import torch._dynamo`` sets TORCHINDUCTOR_CACHE_DIR to torch's default; the run's shared cache must still
+    win over that default, and a user's own value over both."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    if user_value:
+        env["TORCHINDUCTOR_CACHE_DIR"] = user_value
+    code = ("import os; from sdf_ray import startup; startup.start_worker_imports(); startup._WORKER_IMPORTS[0].finish(); "
+            "torch_set = os.environ.get('TORCHINDUCTOR_CACHE_DIR'); "
+            "from sdf_ray.device_settings import use_compile_cache; "
+            "print(torch_set, use_compile_cache('/shared')['TORCHINDUCTOR_CACHE_DIR'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    torch_set, chosen = out.stdout.split()
+    if user_value:
+        assert chosen == user_value
+    else:
+        assert torch_set != "None" and chosen == "/shared/inductor"  # torch did set its default, and lost
+
+
+def test_train_workers_get_the_setup_hook_unless_the_job_has_its_own(monkeypatch):
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+    from sdf_ray import ray_session
+
+    monkeypatch.delenv(WORKER_PROCESS_SETUP_HOOK_ENV_VAR, raising=False)
+    env = ray_session.train_worker_runtime_env()
+    assert env == {"env_vars": {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: "sdf_ray.startup.start_worker_imports"}}
+    module, _, name = ray_session.WORKER_SETUP_HOOK.rpartition(".")
+    assert getattr(importlib.import_module(module), name) is startup.start_worker_imports
+    # Under a job whose runtime env set a hook (Ray exports it to the driver's environment), theirs runs.
+    monkeypatch.setenv(WORKER_PROCESS_SETUP_HOOK_ENV_VAR, "their_package.setup")
+    assert ray_session.train_worker_runtime_env() == {}
 
 
 def test_the_cli_parser_does_not_import_torch():
