@@ -16,7 +16,10 @@ from sdf_ray.run_files import RESOLVED_CONFIG_FILE, SUMMARY_FILE, WORKER_GROUP_S
 from sdf_ray.startup import StartupClock
 
 # Keys that may change when a stopped run is resumed (resources, cadences, debugging, length).
-RESUMABLE_CHANGES = ("scaling.", "logging.", "debug.", "checkpoint.", "validation.", "optim.num_epochs")
+# Settings a resumed run may change. model.compile_cacheable changes how the step is compiled, not what it computes
+# (the same values and gradients, bitwise: tests/test_dropout.py).
+RESUMABLE_CHANGES = ("scaling.", "logging.", "debug.", "checkpoint.", "validation.", "optim.num_epochs",
+                     "model.compile_cacheable")
 
 
 DRIVER_IMPORTS = ("torch", "sdf_ray.train_loop")

@@ -94,6 +94,8 @@ def start_line(state: TrainState, resumed: bool) -> str:
     return (f"training {state.num_scenes_total} scenes on {state.coll.world_size} worker(s) ({state.device.type}): "
             f"{state.steps_per_epoch} steps/epoch, {state.total_steps} steps, "
             f"{cfg.data.scenes_per_step * cfg.data.samples_per_scene:,} samples/step"
+            + (f", compiled for {'a cached start' if cfg.model.compile_cacheable else 'the fastest step'}"
+               if cfg.model.compile else "")
             + (f", resuming at step {state.step}" if resumed else ""))
 
 

@@ -6,6 +6,7 @@ dropout seeding live here because building (and restoring) a state is what sets 
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from torch import nn
 
 from sdf_ray.config import TrainConfig
 from sdf_ray.data.sampler import mix_seed, shard_scene_ids
-from sdf_ray.device_settings import compile_module, resolve_for_device
+from sdf_ray.device_settings import compile_module, resolve_compile_cacheable, resolve_for_device
 from sdf_ray.dist import Collectives
 from sdf_ray.guard import Escalation, GuardCounters, materialise_adam_state
 from sdf_ray.latents import LatentTable, init_latents
@@ -62,9 +63,14 @@ class TrainState:
 def build_state(cfg: TrainConfig, coll: Collectives, device: torch.device, num_scenes_total: int) -> TrainState:
     """Decoder, this rank's latent shard and the optimizer, identically initialised on every rank."""
     cfg = resolve_for_device(cfg, device)  # auto precision/compile: concrete for this device
+    schedule = RunSchedule.of(cfg, num_scenes_total)
+    samples = schedule.total_steps * cfg.data.scenes_per_step * cfg.data.samples_per_scene
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, compile_cacheable=resolve_compile_cacheable(cfg.model.compile_cacheable, samples)))
     seed = cfg.data.seed
     torch.manual_seed(seed)  # same decoder init on every rank (DDP would broadcast rank 0's anyway)
     decoder_module = DeepSDFDecoder(cfg.model).to(device)
+    decoder_module.cacheable_graph = bool(cfg.model.compile_cacheable)
     # Codes are drawn for the whole dataset, then sharded: a run's init is independent of world size.
     codes = init_latents(num_scenes_total, cfg.model.latent_size, torch.Generator().manual_seed(seed + 1))
     shard = shard_scene_ids(num_scenes_total, coll.rank, coll.world_size)
@@ -87,7 +93,7 @@ def build_state(cfg: TrainConfig, coll: Collectives, device: torch.device, num_s
     return TrainState(
         cfg=cfg, coll=coll, device=device, decoder=decoder, decoder_module=decoder_module, latents=latents,
         optimizer=optimizer, counters=GuardCounters(device), escalation=Escalation(cfg.guard), shard=shard,
-        num_scenes_total=num_scenes_total, schedule=RunSchedule.of(cfg, num_scenes_total),
+        num_scenes_total=num_scenes_total, schedule=schedule,
         metric_acc=torch.zeros(3, dtype=torch.float64, device=device))
 
 

@@ -56,15 +56,19 @@ def _inputs(batch: int = 4, samples: int = 64) -> tuple[torch.Tensor, torch.Tens
     return torch.randn(batch, 1, L), torch.rand(batch, samples, 3) * 2 - 1
 
 
-def test_the_training_forward_with_dropout_under_bf16_autocast_is_cacheable():
+@pytest.mark.parametrize("cacheable", [True, False])
+def test_the_training_forward_with_dropout_under_bf16_autocast_is_cacheable_when_asked(cacheable):
+    """``model.compile_cacheable``: the cacheable spelling is accepted; the faster one is refused (the trade-off)."""
     decoder = _decoder().train()
+    decoder.cacheable_graph = cacheable
     codes, xyz = _inputs()
 
     def forward(codes: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
         return decoder(codes, xyz)
 
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        assert _refusals(forward, codes.requires_grad_(True), xyz) == []
+        refusals = _refusals(forward, codes.requires_grad_(True), xyz)
+    assert (refusals == []) is cacheable, refusals
 
 
 def test_the_reconstruction_step_and_decoding_are_cacheable():

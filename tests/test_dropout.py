@@ -33,15 +33,17 @@ def test_quantised_probability_is_close_and_never_one():
     assert quantised_probability(0.999999999) < 1.0
 
 
-def _compiled(p: float):
+def _compiled(p: float, cacheable: bool = True):
     # aot_eager traces like inductor (so relu_dropout takes its compiled branch) without a C++ toolchain.
-    return torch.compile(lambda x: relu_dropout(x, p, True), backend="aot_eager", fullgraph=True)
+    return torch.compile(lambda x: relu_dropout(x, p, True, cacheable=cacheable), backend="aot_eager",
+                         fullgraph=True)
 
 
-def test_compiled_relu_dropout_scales_kept_values_and_backpropagates_through_the_output_only():
+@pytest.mark.parametrize("cacheable", [True, False])
+def test_compiled_relu_dropout_scales_kept_values_and_backpropagates_through_the_output_only(cacheable):
     torch.manual_seed(0)
     x = torch.randn(4096, 64, requires_grad=True)
-    y = _compiled(0.2)(x)
+    y = _compiled(0.2, cacheable)(x)
     scale = 1 / (1 - quantised_probability(0.2))
     kept = y != 0
     torch.testing.assert_close(y[kept], torch.relu(x)[kept] * scale)
@@ -65,3 +67,21 @@ def test_eval_and_zero_probability_are_plain_relu():
     x = torch.randn(100, 8)
     torch.testing.assert_close(relu_dropout(x, 0.2, False), torch.relu(x))
     torch.testing.assert_close(relu_dropout(x, 0.0, True), torch.relu(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cacheable_spelling_equals_the_autograd_function_bitwise(dtype):
+    """``model.compile_cacheable`` picks between the two: same values and gradients, so a run may switch on resume."""
+    from sdf_ray.dropout import _scale_where_kept, _ScaleWhereKept
+
+    torch.manual_seed(1)
+    x = (torch.randn(2048, 96) * 3).to(dtype).requires_grad_(True)
+    x.data[0, :4] = torch.tensor([0.0, -0.0, float("inf"), -float("inf")])
+    keep = hashed_keep_mask(x.shape, torch.tensor(11), 0.2)
+    scale = 1 / (1 - quantised_probability(0.2))
+    g = torch.randn(2048, 96).to(dtype)
+    y_fn = _ScaleWhereKept.apply(x, keep, scale)
+    (g_fn,) = torch.autograd.grad(y_fn, x, g)
+    y_plain = _scale_where_kept(x, keep, scale)
+    (g_plain,) = torch.autograd.grad(y_plain, x, g)
+    assert torch.equal(y_plain, y_fn) and torch.equal(g_plain, g_fn)

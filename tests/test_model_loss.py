@@ -162,7 +162,8 @@ def test_hidden_activations_stay_bf16_under_autocast(monkeypatch):
 
     seen: list[torch.dtype] = []
     real = model_mod.relu_dropout
-    monkeypatch.setattr(model_mod, "relu_dropout", lambda x, p, training: seen.append(x.dtype) or real(x, p, training))
+    monkeypatch.setattr(model_mod, "relu_dropout",
+                        lambda x, p, training, **kw: seen.append(x.dtype) or real(x, p, training, **kw))
     dec = DeepSDFDecoder(ModelConfig(latent_size=8, hidden_dim=32, num_layers=4, latent_in_layers=(2,)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         dec(torch.randn(2, 1, 8), torch.randn(2, 5, 3))
@@ -180,6 +181,9 @@ def test_the_output_layer_is_fp32_under_autocast_in_both_forms(monkeypatch):
         eager = model_mod._output_layer(x, weight, bias)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         fused = model_mod._output_layer(x, weight, bias)
+        # model.compile_cacheable=false keeps an autocast-off context around the same ops: the same result.
+        in_context = model_mod._output_layer(x, weight, bias, cacheable=False)
+    assert torch.equal(in_context, fused)
     assert eager.dtype == fused.dtype == torch.float32 and fused.shape == eager.shape == (6, 40, 1)
     torch.testing.assert_close(fused, eager, rtol=1e-6, atol=1e-6)
     for g, r in zip(torch.autograd.grad(fused.sum(), [weight, bias]), torch.autograd.grad(eager.sum(), [weight, bias])):

@@ -3,9 +3,11 @@ progress line (no Ray)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sdf_ray import checkpoint as ckpt
+from sdf_ray.device_settings import CACHEABLE_BELOW_SAMPLES
 from sdf_ray.dist import FakeCollectives
 from sdf_ray.metrics_log import IntervalClock, collect_metrics, progress_line
 from sdf_ray.run_schedule import RunSchedule
@@ -24,6 +26,18 @@ def test_the_state_asks_the_run_schedule_for_its_step_counts():
     assert state.schedule == RunSchedule.of(cfg, NUM_SCENES)
     assert state.steps_per_epoch == state.schedule.steps_per_epoch
     assert state.total_steps == cfg.optim.num_epochs * state.steps_per_epoch
+
+
+@pytest.mark.parametrize("setting, epochs, cacheable", [
+    ("auto", 2, True),                # a short run: the graph a warm cache stores
+    ("auto", 10**9, False),           # past the break-even (4e9 samples): the faster step
+    (True, 10**9, True), (False, 2, False),  # explicit settings win
+])
+def test_the_state_resolves_the_cacheable_graph_from_the_samples_the_run_trains(setting, epochs, cacheable):
+    cfg, state = make_state(**{"model.compile_cacheable": setting, "optim.num_epochs": epochs})
+    samples = state.total_steps * cfg.data.scenes_per_step * cfg.data.samples_per_scene
+    assert (samples < CACHEABLE_BELOW_SAMPLES) is (epochs == 2)
+    assert state.decoder_module.cacheable_graph is cacheable and state.cfg.model.compile_cacheable is cacheable
 
 
 def test_a_saved_checkpoint_resumes_bit_identically_and_leaves_no_temp_file(tmp_path):
@@ -69,3 +83,14 @@ def test_the_progress_line_reads_the_interval_metrics():
     line = progress_line(state, metrics)
     assert line.startswith(f"epoch 0/{cfg.optim.num_epochs}  step 1/{state.total_steps}  loss ")
     assert "skipped 0  rollbacks 0  ETA " in line
+
+
+@pytest.mark.parametrize("setting, words", [(True, "compiled for a cached start"),
+                                            (False, "compiled for the fastest step")])
+def test_the_start_line_says_how_the_step_was_compiled(setting, words):
+    from sdf_ray.metrics_log import start_line
+
+    _, state = make_state(**{"model.compile": True, "model.compile_cacheable": setting})
+    assert words in start_line(state, resumed=False)
+    _, eager = make_state(**{"model.compile": False})
+    assert "compiled" not in start_line(eager, resumed=False)
