@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import forget_torch_default_cache_dirs
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -22,11 +23,7 @@ def ray_session() -> Iterator[None]:
 
     if ray.is_initialized():
         ray.shutdown()
-    # An earlier test's in-process torch.compile writes inductor's default cache directory into os.environ
-    # (torch._inductor.runtime.cache_dir_utils.cache_dir); the Ray workers would inherit it as if a user had chosen it.
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        if os.environ.get(name, "").startswith(os.path.join(tempfile.gettempdir(), "torchinductor_")):
-            os.environ.pop(name)
+    forget_torch_default_cache_dirs()
     connect_ray(None)
     yield
     ray.shutdown()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
 
 import torch
@@ -46,3 +48,12 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} changed"
+
+
+def forget_torch_default_cache_dirs() -> None:
+    """Before a test starts a Ray: an earlier test's in-process torch.compile (or import of torch._dynamo) writes
+    inductor's default cache directory into os.environ (torch._inductor.runtime.cache_dir_utils.cache_dir); the Ray
+    workers would inherit it as if a user had chosen it."""
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        if os.environ.get(name, "").startswith(os.path.join(tempfile.gettempdir(), "torchinductor_")):
+            os.environ.pop(name)

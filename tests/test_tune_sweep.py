@@ -10,6 +10,7 @@ import pytest
 
 from sdf_ray import config as C
 from sdf_ray.cli import main
+from tests.helpers import forget_torch_default_cache_dirs
 from tuning import search
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -23,6 +24,8 @@ def ray_session():
     from sdf_ray.ray_session import connect_ray
 
     started_here = not ray.is_initialized()
+    if started_here:
+        forget_torch_default_cache_dirs()
     connect_ray(None, fast_reports=False)  # as `sdf-ray tune` does
     yield ray
     if started_here:
