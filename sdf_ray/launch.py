@@ -227,7 +227,9 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None, start
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             callbacks=callbacks,
-            worker_runtime_env=train_worker_runtime_env(),
+            # model.compile: auto compiles on GPUs (resolved on the worker; a GPU too old for Triton does not).
+            worker_runtime_env=train_worker_runtime_env(cfg.model.compile is True
+                                                        or (cfg.model.compile == "auto" and s.use_gpu)),
             # Ray Train's own INFO lines repeat every metrics dict; rank 0's progress lines say it better.
             logging_config=LoggingConfig(log_level="INFO" if cfg.logging.level == "DEBUG" else "WARNING"),
         ),

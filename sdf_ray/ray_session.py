@@ -360,13 +360,14 @@ def train_backend_config(backend: str) -> Any:
 # (``RunConfig.worker_runtime_env``). Not job-wide: Ray Train's controller would import torch too (see
 # train_backend_config below). A user's job-level hook wins: their workers run theirs, and import as before.
 # Delete when: an actor-level runtime env takes ``worker_process_setup_hook``. Check: the hook still runs in a
-# Train worker (tests/test_train_ray.py, ``startup_worker_imports_preloaded``).
-WORKER_SETUP_HOOK = "sdf_ray.startup.start_worker_imports"
+# Train worker (tests/test_startup.py's healthy run, ``startup_worker_imports_preloaded``).
+WORKER_SETUP_HOOKS = {True: "sdf_ray.startup.start_worker_imports", False: "sdf_ray.startup.start_worker_imports_eager"}
 
 
-def train_worker_runtime_env() -> dict[str, Any]:
-    """The runtime env of sdf-ray's Ray Train workers: they start importing torch as soon as their process starts
-    (:func:`sdf_ray.startup.start_worker_imports`), unless the job has a setup hook of its own."""
+def train_worker_runtime_env(compiles: bool) -> dict[str, Any]:
+    """The runtime env of sdf-ray's Ray Train workers: they start importing torch (and the compiler if the run
+    ``compiles``) as soon as their process starts (:func:`sdf_ray.startup.start_worker_imports`), unless the job
+    has a setup hook of its own."""
     import ray
     from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
@@ -374,7 +375,7 @@ def train_worker_runtime_env() -> dict[str, Any]:
     job_env = ((ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}).get("env_vars") or {}
     if WORKER_PROCESS_SETUP_HOOK_ENV_VAR in job_env or os.environ.get(WORKER_PROCESS_SETUP_HOOK_ENV_VAR):
         return {}
-    return {"env_vars": {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: WORKER_SETUP_HOOK}}
+    return {"env_vars": {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: WORKER_SETUP_HOOKS[compiles]}}
 
 
 def quiet_train_report_log() -> None:

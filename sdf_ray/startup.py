@@ -251,9 +251,11 @@ def remote_marks() -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 # Ray Train's worker processes import torch and friends in a thread from the moment they start
 
-WORKER_IMPORTS = ("torch", "torch._dynamo", "sdf_ray.train_loop", "torch._inductor.compile_fx")
-"""What a Ray Train worker imports before its first step (torch, the training loop, the compiler), none of them
+WORKER_IMPORTS = ("torch", "torch._dynamo", "sdf_ray.train_loop")
+"""What a Ray Train worker imports before its first step (torch._dynamo too: ``torch.optim`` loads it), none of them
 importing Ray, so that the thread never waits on the main thread's imports of Ray Train."""
+COMPILER_IMPORTS = ("torch._inductor.compile_fx",)
+"""What a compiling worker imports next (0.8 s on the 2-core CI machine), for runs that compile."""
 
 _WORKER_IMPORTS: list[BackgroundImports] = []
 _ENV_BEFORE_IMPORTS: dict[str, str] = {}
@@ -267,8 +269,17 @@ def start_worker_imports() -> None:
     following them (measured on an H200 with bytecode: torch 1.3-1.8 s, torch._dynamo 1 s). A failed import is
     left to the main thread, which imports the same module later and reports it where it happens.
     """
+    _start_worker_imports(WORKER_IMPORTS + COMPILER_IMPORTS)
+
+
+def start_worker_imports_eager() -> None:
+    """:func:`start_worker_imports` for runs that do not compile: the compiler's modules are left out."""
+    _start_worker_imports(WORKER_IMPORTS)
+
+
+def _start_worker_imports(modules: tuple[str, ...]) -> None:
     _ENV_BEFORE_IMPORTS.update(os.environ)
-    _WORKER_IMPORTS.append(BackgroundImports(WORKER_IMPORTS, daemon=True))
+    _WORKER_IMPORTS.append(BackgroundImports(modules, daemon=True))
 
 
 def worker_imports_started() -> bool:

@@ -146,19 +146,20 @@ def test_the_modules_imported_in_a_thread_do_not_import_ray(which):
     waits on it."""
     from sdf_ray.launch import DRIVER_IMPORTS
 
-    modules = DRIVER_IMPORTS if which == "driver" else startup.WORKER_IMPORTS
+    modules = DRIVER_IMPORTS if which == "driver" else startup.WORKER_IMPORTS + startup.COMPILER_IMPORTS
     code = f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_the_worker_setup_hook_returns_at_once_and_imports_in_a_daemon_thread():
-    code = ("import sys, time; from sdf_ray import startup; t = time.time(); startup.start_worker_imports(); "
-            "returned = time.time() - t; thread = startup._WORKER_IMPORTS[0]; print(thread._thread.daemon, "
-            "'torch._dynamo' in sys.modules); thread.finish(); print(returned < 0.5, startup.worker_imports_started(), "
-            "all(m in sys.modules for m in startup.WORKER_IMPORTS))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["True", "False", "True", "True", "True"], out.stderr[-2000:]
+    for hook, compiler in (("start_worker_imports", "True"), ("start_worker_imports_eager", "False")):
+        code = (f"import sys, time; from sdf_ray import startup; t = time.time(); startup.{hook}(); "
+                "returned = time.time() - t; thread = startup._WORKER_IMPORTS[0]; print(thread._thread.daemon, "
+                "'torch._dynamo' in sys.modules); thread.finish(); print(returned < 0.5, startup.worker_imports_started(), "
+                "all(m in sys.modules for m in startup.WORKER_IMPORTS), 'torch._inductor.compile_fx' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert out.stdout.split() == ["True", "False", "True", "True", "True", compiler], out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("user_value", [None, "/theirs"])
@@ -186,13 +187,13 @@ def test_train_workers_get_the_setup_hook_unless_the_job_has_its_own(monkeypatch
     from sdf_ray import ray_session
 
     monkeypatch.delenv(WORKER_PROCESS_SETUP_HOOK_ENV_VAR, raising=False)
-    env = ray_session.train_worker_runtime_env()
-    assert env == {"env_vars": {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: "sdf_ray.startup.start_worker_imports"}}
-    module, _, name = ray_session.WORKER_SETUP_HOOK.rpartition(".")
-    assert getattr(importlib.import_module(module), name) is startup.start_worker_imports
+    for compiles, hook in ((True, startup.start_worker_imports), (False, startup.start_worker_imports_eager)):
+        env = ray_session.train_worker_runtime_env(compiles)
+        module, _, name = env["env_vars"][WORKER_PROCESS_SETUP_HOOK_ENV_VAR].rpartition(".")
+        assert getattr(importlib.import_module(module), name) is hook
     # Under a job whose runtime env set a hook (Ray exports it to the driver's environment), theirs runs.
     monkeypatch.setenv(WORKER_PROCESS_SETUP_HOOK_ENV_VAR, "their_package.setup")
-    assert ray_session.train_worker_runtime_env() == {}
+    assert ray_session.train_worker_runtime_env(True) == {}
 
 
 def test_the_cli_parser_does_not_import_torch():
