@@ -259,6 +259,9 @@ def _start_embedded_ray(fast_reports: bool) -> str:
 def _init_torch_process_group(addr: str, port: int, backend: str, rank: int, world_size: int,
                               timeout_s: int) -> None:
     """In a Train worker: ``_TorchBackend.on_start``'s worker-side steps (init_method "env")."""
+    from sdf_ray.startup import finish_worker_imports
+
+    finish_worker_imports()  # before this thread imports torch (see there)
     from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group
 
     os.environ["MASTER_ADDR"] = addr
@@ -358,7 +361,8 @@ def train_backend_config(backend: str) -> Any:
 # hook as the environment variable ``WORKER_PROCESS_SETUP_HOOK_ENV_VAR``, read by every worker process at start
 # (``ray/_private/workers/default_worker.py``, Ray 2.60), so Ray Train's workers get it through their runtime env
 # (``RunConfig.worker_runtime_env``). Not job-wide: Ray Train's controller would import torch too (see
-# train_backend_config below). A user's job-level hook wins: their workers run theirs, and import as before.
+# train_backend_config below). A user's job-level hook wins: their workers run theirs, and import as before. A task
+# or actor that a Train worker started would inherit the variable (Ray merges env vars down); sdf-ray starts none.
 # Delete when: an actor-level runtime env takes ``worker_process_setup_hook``. Check: the hook still runs in a
 # Train worker (tests/test_startup.py's healthy run, ``startup_worker_imports_preloaded``).
 WORKER_SETUP_HOOKS = {True: "sdf_ray.startup.start_worker_imports", False: "sdf_ray.startup.start_worker_imports_eager"}

@@ -265,9 +265,9 @@ def start_worker_imports() -> None:
     """Ray's worker-process setup hook for sdf-ray's Ray Train workers (``ray_session.train_worker_runtime_env``).
 
     Starts importing :data:`WORKER_IMPORTS` in a daemon thread and returns at once: the imports then overlap with
-    the worker actor's initialisation, the worker group's set-up and the process group's rendezvous, instead of
-    following them (measured on an H200 with bytecode: torch 1.3-1.8 s, torch._dynamo 1 s). A failed import is
-    left to the main thread, which imports the same module later and reports it where it happens.
+    the worker actor's initialisation and the worker group's set-up, instead of following them (measured on an H200
+    with bytecode: torch 1.3-1.8 s, torch._dynamo 1 s). The main thread waits for them
+    (:func:`finish_worker_imports`) before it imports torch itself, which re-raises a failed import.
     """
     _start_worker_imports(WORKER_IMPORTS + COMPILER_IMPORTS)
 
@@ -280,6 +280,18 @@ def start_worker_imports_eager() -> None:
 def _start_worker_imports(modules: tuple[str, ...]) -> None:
     _ENV_BEFORE_IMPORTS.update(os.environ)
     _WORKER_IMPORTS.append(BackgroundImports(modules, daemon=True))
+
+
+def finish_worker_imports() -> None:
+    """Wait for :func:`start_worker_imports`'s thread (if this process ran it) and re-raise its first failed import.
+
+    Called before the main thread imports torch itself (the process group's set-up, the training function).
+    ``torch._dynamo`` and ``torch._inductor`` import each other: a main thread that starts importing one while the
+    thread is inside the other deadlocks on their module locks, which Python breaks by failing one of the imports
+    (seen on a CPU: ``_DeadlockError``, then a half-initialised torch). So the two threads never import torch's
+    packages at the same time; the thread's head start covers the worker actor's set-up (2.8 s on an H200)."""
+    for imports in _WORKER_IMPORTS:
+        imports.finish()
 
 
 def worker_imports_started() -> bool:

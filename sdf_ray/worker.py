@@ -26,7 +26,13 @@ from sdf_ray.dist import default_collectives
 from sdf_ray.fsutil import write_json_atomic, write_text_atomic
 from sdf_ray.ray_session import quiet_train_report_log
 from sdf_ray.run_files import RESOLVED_CONFIG_FILE, SUMMARY_FILE, WORKER_GROUP_STARTS_FILE
-from sdf_ray.startup import StartupClock, process_start_time, remote_marks, worker_imports_started
+from sdf_ray.startup import (
+    StartupClock,
+    finish_worker_imports,
+    process_start_time,
+    remote_marks,
+    worker_imports_started,
+)
 from sdf_ray.train_loop import run_training
 
 log = logging.getLogger("sdf_ray")
@@ -74,6 +80,7 @@ class _Timeline:
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    finish_worker_imports()  # done already when sdf-ray's backend set up the process group; never compile beside it
     requested = from_dict(loop_config["train_config"])
     run_dir = Path(loop_config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)  # on a node that never saw the driver's mkdir

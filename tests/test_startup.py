@@ -162,6 +162,35 @@ def test_the_worker_setup_hook_returns_at_once_and_imports_in_a_daemon_thread():
         assert out.stdout.split() == ["True", "False", "True", "True", "True", compiler], out.stderr[-2000:]
 
 
+def test_the_process_group_set_up_waits_for_the_early_imports_so_compiling_at_once_is_safe():
+    """``torch._dynamo`` and ``torch._inductor`` import each other: compiling in the main thread while the hook's
+    thread is still importing deadlocked (``_DeadlockError``, seen on a CPU). sdf-ray's process-group set-up, the
+    worker's first torch import, waits for the thread; compiling and stepping straight after it must work."""
+    # Ray Train's worker-side helpers need a Train context: stand-ins record whether the thread was still importing
+    # when the set-up reached them (the module is put in sys.modules, so importing it imports nothing).
+    code = (
+        "import sys, types\n"
+        "from sdf_ray import startup\n"
+        "startup.start_worker_imports()\n"
+        "thread = startup._WORKER_IMPORTS[0]._thread\n"
+        "seen = []\n"
+        "helpers = types.ModuleType('ray.train.torch.config')\n"
+        "helpers._set_torch_distributed_env_vars = lambda: seen.append(thread.is_alive())\n"
+        "helpers._setup_torch_process_group = lambda **kw: seen.append(thread.is_alive())\n"
+        "sys.modules['ray.train.torch.config'] = helpers\n"
+        "from sdf_ray.ray_session import _init_torch_process_group\n"
+        "_init_torch_process_group('127.0.0.1', 29999, 'gloo', 0, 1, 60)\n"
+        "import torch\n"
+        "from sdf_ray.device_settings import compile_module\n"
+        "m = compile_module(torch.nn.Linear(4, 4), 'default')\n"
+        "torch.optim.Adam(m.parameters())\n"
+        "print('thread alive when torch was set up:', seen)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "thread alive when torch was set up: [False, False]" in out.stdout
+
+
 @pytest.mark.parametrize("user_value", [None, "/theirs"])
 def test_the_compile_cache_survives_torch_setting_its_default_during_the_early_imports(user_value):
     """``import torch._dynamo`` sets TORCHINDUCTOR_CACHE_DIR to torch's default; the run's shared cache must still
@@ -181,6 +210,25 @@ def test_the_compile_cache_survives_torch_setting_its_default_during_the_early_i
         assert torch_set != "None" and chosen == "/shared/inductor"  # torch did set its default, and lost
 
 
+def test_the_early_imports_never_ask_cuda_anything():
+    """Ray sets a worker's CUDA_VISIBLE_DEVICES after the hook's thread has started: nothing it imports may query or
+    initialise CUDA (torch caches the device count; a context would see every GPU of the node)."""
+    code = (
+        "import importlib, torch\n"
+        "calls = []\n"
+        "for name in ('device_count', 'is_available', '_lazy_init', 'init', 'get_device_properties',\n"
+        "             'get_device_capability', 'current_device', 'set_device'):\n"
+        "    real = getattr(torch.cuda, name)\n"
+        "    setattr(torch.cuda, name, (lambda n, r: lambda *a, **k: calls.append(n) or r(*a, **k))(name, real))\n"
+        "from sdf_ray import startup\n"
+        "for module in startup.WORKER_IMPORTS + startup.COMPILER_IMPORTS:\n"
+        "    importlib.import_module(module)\n"
+        "print('cuda calls:', calls)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "cuda calls: []" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
 def test_train_workers_get_the_setup_hook_unless_the_job_has_its_own(monkeypatch):
     from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
@@ -191,7 +239,18 @@ def test_train_workers_get_the_setup_hook_unless_the_job_has_its_own(monkeypatch
         env = ray_session.train_worker_runtime_env(compiles)
         module, _, name = env["env_vars"][WORKER_PROCESS_SETUP_HOOK_ENV_VAR].rpartition(".")
         assert getattr(importlib.import_module(module), name) is hook
-    # Under a job whose runtime env set a hook (Ray exports it to the driver's environment), theirs runs.
+    # A hook given to this driver's ray.init (Ray keeps it in the job's runtime env): theirs runs.
+    import ray
+
+    class Context:
+        runtime_env = {"env_vars": {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: "their_package.setup"}}
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", Context)
+    assert ray_session.train_worker_runtime_env(True) == {}
+    monkeypatch.setattr(Context, "runtime_env", {})
+    assert ray_session.train_worker_runtime_env(True) != {}
+    # Under `ray job submit` with a hook (Ray exports it to the driver's environment): theirs runs.
     monkeypatch.setenv(WORKER_PROCESS_SETUP_HOOK_ENV_VAR, "their_package.setup")
     assert ray_session.train_worker_runtime_env(True) == {}
 
