@@ -36,7 +36,7 @@ MARKS: tuple[tuple[str, str, str], ...] = (
     ("fit_start", "driver_prepare", "cluster checks, the trainer built, Ray Train's autoscaling coordinator up"),
     ("worker_process_started", "worker_spawn", "Ray Train's controller, the placement group, rank 0's process spawned"),
     ("worker_group_up", "worker_group_start", "the worker actors initialised, the worker group up"),
-    ("process_group_ready", "process_group_init", "torch.distributed process group"),
+    ("process_group_ready", "process_group_init", "the early imports finished, the torch.distributed process group"),
     ("train_fn_start", "train_fn_launch", "the training function reaches the workers (imports)"),
     ("data_loaded", "data_load", "device set-up, resume checkpoint, this rank's scenes read"),
     ("state_built", "state_build", "decoder, codes, optimizer, samples on the device"),
