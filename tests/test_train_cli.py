@@ -113,6 +113,32 @@ def test_compile_accepts_auto_and_booleans_only():
         tiny_config(**{"optim.precision": "fp16"})
 
 
+def test_compile_cacheable_accepts_auto_and_booleans_and_never_blocks_a_resume(tmp_path):
+    """Both spellings compute the same values, so a run may resume with another setting, or from a config written
+    before the setting existed; a change to what the model computes is still refused."""
+    import yaml
+
+    from sdf_ray.errors import ConfigError
+    from sdf_ray.launch import prepare_run_dir
+    from sdf_ray.run_files import RESOLVED_CONFIG_FILE
+    from tests.helpers import tiny_config
+
+    for bad in (1, "sometimes"):
+        with pytest.raises(ConfigError, match="model.compile_cacheable"):
+            tiny_config(**{"model.compile_cacheable": bad})
+    cfg = tiny_config(**{"checkpoint.storage_path": str(tmp_path)})
+    directory, resuming = prepare_run_dir(cfg, overwrite=False)
+    assert not resuming
+    saved = yaml.safe_load((directory / RESOLVED_CONFIG_FILE).read_text())
+    del saved["model"]["compile_cacheable"]  # a run directory from before the setting
+    (directory / RESOLVED_CONFIG_FILE).write_text(yaml.safe_dump(saved))
+    changed = tiny_config(**{"checkpoint.storage_path": str(tmp_path), "model.compile_cacheable": False})
+    assert prepare_run_dir(changed, overwrite=False) == (directory, True)
+    with pytest.raises(ConfigError, match="model.dropout"):
+        prepare_run_dir(tiny_config(**{"checkpoint.storage_path": str(tmp_path), "model.dropout": 0.1}),
+                        overwrite=False)
+
+
 def test_the_compile_cache_goes_under_the_storage_path_and_a_set_variable_wins(monkeypatch, tmp_path):
     from sdf_ray.device_settings import COMPILE_CACHE_ENV, use_compile_cache
     from sdf_ray.launch import compile_cache_dir
