@@ -4,7 +4,7 @@ A warm compile cache only skips tracing, pattern-matching and partitioning the j
 takes the graph; it refuses graphs that hold an autograd.Function or an autocast context (measured on an H200: a
 warm first training step 6.8 s with the refusal, docs/performance.md). The truth here is torch's own check
 (``check_cacheable``, what the cache runs on the graph dynamo hands it), applied to the graphs dynamo captures from
-sdf-ray's code; the controls show it refuses what sdf-ray used to do.
+sdf-ray's code; the controls show it refuses what the faster step (``model.compile_cacheable: false``) holds.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from sdf_ray import config as config_mod
+from sdf_ray.dropout import _ScaleWhereKept
 from sdf_ray.model import DeepSDFDecoder
 from sdf_ray.shapes.frozen_decoder import FrozenDecoder, clamped_l1_and_code_gradient
 from sdf_ray.shapes.reconstruct import decoding_context
@@ -99,26 +100,12 @@ def test_the_frozen_decoder_under_autocast_still_computes_in_its_own_dtypes():
     torch.testing.assert_close(under_autocast, plain, rtol=0, atol=0)
 
 
-class _ScaleWhereKept(torch.autograd.Function):
-    """What the dropout used to be: a custom autograd.Function."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor) -> torch.Tensor:
-        (y,) = ctx.saved_tensors
-        return torch.where(y > 0, grad_y, 0)
-
-
 @pytest.mark.parametrize("construct", ["autograd.Function", "autocast context"])
-def test_the_check_refuses_what_sdf_ray_used_to_compile(construct):
+def test_the_check_refuses_the_faster_steps_constructs(construct):
+    """The controls: the dropout's autograd.Function and an autocast context (model.compile_cacheable=false)."""
     def fn(x: torch.Tensor) -> torch.Tensor:
         if construct == "autograd.Function":
-            return _ScaleWhereKept.apply(x) * 2
+            return _ScaleWhereKept.apply(x, torch.ones_like(x, dtype=torch.bool), 1.0) * 2
         with torch.autocast(device_type="cpu", enabled=False):
             return torch.relu(x) * 2
 

@@ -114,16 +114,23 @@ class ShapeWorker:
                 torch.backends.cuda.matmul.allow_tf32 = True
             torch.cuda.synchronize(self.device)  # the weights are on the default stream; the threads use others
 
+    def _thread_stream(self, name: str, priority: int = 0) -> Any:
+        """This thread's CUDA stream ``name`` (made on first use, at ``priority``)."""
+        import torch
+
+        stream = getattr(self._local, name, None)
+        if stream is None:
+            stream = torch.cuda.Stream(self.device, priority=priority)
+            setattr(self._local, name, stream)
+        return stream
+
     def _stream(self) -> contextlib.AbstractContextManager[Any]:
-        """This thread's CUDA stream (made on first use), as a context; nothing on CPUs."""
+        """This thread's CUDA stream, as a context; nothing on CPUs."""
         import torch
 
         if self.device.type != "cuda":
             return contextlib.nullcontext()
-        stream = getattr(self._local, "stream", None)
-        if stream is None:
-            stream = self._local.stream = torch.cuda.Stream(self.device)
-        return torch.cuda.stream(stream)
+        return torch.cuda.stream(self._thread_stream("stream"))
 
     @contextlib.contextmanager
     def _measure_stream(self) -> Iterator[None]:
@@ -139,9 +146,7 @@ class ShapeWorker:
         if self.device.type != "cuda":
             yield
             return
-        stream = getattr(self._local, "measure_stream", None)
-        if stream is None:
-            stream = self._local.measure_stream = torch.cuda.Stream(self.device, priority=-100)  # clamped
+        stream = self._thread_stream("measure_stream", priority=-100)  # clamped to the highest
         current = torch.cuda.current_stream(self.device)
         stream.wait_stream(current)
         try:
