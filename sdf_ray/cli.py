@@ -68,7 +68,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_summary(previous)
         return EXIT_OK
     clock.mark("config_checked")
-    where = connect_ray(args.address, import_meanwhile=launch.DRIVER_IMPORTS)
+    where = connect_ray(args.address, import_meanwhile=launch.DRIVER_IMPORTS,
+                        prestart=lambda: launch.prestart_processes(cfg))
     clock.mark("ray_connected")
     launch.check_cluster_resources(cfg)
     warning = launch.storage_warning(cfg.checkpoint.storage_path, launch.num_alive_nodes())

@@ -197,6 +197,20 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
     return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
 
 
+def may_compile(cfg: TrainConfig) -> bool:
+    """Whether the run's workers may compile: ``model.compile`` true, or auto on GPUs (resolved on the worker: a GPU
+    too old for Triton does not)."""
+    return cfg.model.compile is True or (cfg.model.compile == "auto" and cfg.scaling.use_gpu)
+
+
+def prestart_processes(cfg: TrainConfig) -> bool:
+    """Right after an embedded Ray starts: its raylet starts Ray Train's controller and worker processes for ``cfg``
+    ahead of need (``ray_session.prestart_train_processes``)."""
+    from sdf_ray.ray_session import prestart_train_processes, train_worker_runtime_env
+
+    return prestart_train_processes(cfg.scaling.num_workers, train_worker_runtime_env(may_compile(cfg)))
+
+
 def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None, startup: StartupClock | None = None,
                   cache_dir: str | None = None) -> Any:
     """A ``TorchTrainer`` running ``sdf_ray.worker.train_fn_per_worker`` for ``cfg`` (paths resolved).
@@ -227,9 +241,7 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None, start
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             callbacks=callbacks,
-            # model.compile: auto compiles on GPUs (resolved on the worker; a GPU too old for Triton does not).
-            worker_runtime_env=train_worker_runtime_env(cfg.model.compile is True
-                                                        or (cfg.model.compile == "auto" and s.use_gpu)),
+            worker_runtime_env=train_worker_runtime_env(may_compile(cfg)),
             # Ray Train's own INFO lines repeat every metrics dict; rank 0's progress lines say it better.
             logging_config=LoggingConfig(log_level="INFO" if cfg.logging.level == "DEBUG" else "WARNING"),
         ),
@@ -297,5 +309,16 @@ def fit(cfg: TrainConfig, *, callbacks: list[Any] | None = None, startup: Startu
         summary = {"status": "failed", "message": "workers exited without writing summary.json",
                    "run_name": cfg.checkpoint.run_name}
     summary = clock.complete(summary)
+    summary.update(prestarted_processes(summary.get("startup_marks") or {}))
     write_json_atomic(summary_path, summary)
     return summary
+
+
+def prestarted_processes(marks: dict[str, float]) -> dict[str, Any]:
+    """``startup_prestarted``: which of Ray Train's processes (controller, rank 0) were running before ``fit()``
+    (``prestart_processes``), from the run's marks; absent when the marks do not say."""
+    if "fit_start" not in marks:
+        return {}
+    found = {who: marks[mark] < marks["fit_start"] for who, mark in
+             (("controller", "controller_process_started"), ("rank0", "worker_process_started")) if mark in marks}
+    return {"startup_prestarted": found} if found else {}

@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sdf_ray.errors import ClusterError, first_line
@@ -27,6 +27,8 @@ log = logging.getLogger("sdf_ray")
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 FAST_HEALTH_CHECK_S = "0.1"
+EMBEDDED = "embedded local Ray"
+"""How :func:`connect_ray`'s description of a Ray it started begins."""
 EXISTING_SESSION = "existing Ray session"
 """What :func:`connect_ray` returns when this process was connected already (a caller that did not start the
 session leaves it running)."""
@@ -59,15 +61,16 @@ def job_env_vars(gcs_address: str, *, fast_reports: bool = True) -> dict[str, st
 
 
 def connect_ray(address: str | None, *, fast_reports: bool = True, import_meanwhile: Sequence[str] = (),
-                ray_train: bool = True) -> str:
+                ray_train: bool = True, prestart: Callable[[], object] | None = None) -> str:
     """Connect to ``address`` / ``RAY_ADDRESS``, else start an embedded local Ray; returns a description.
 
     ``fast_reports``: Ray Train collects reports every 0.1 s instead of 2 s (see ``HEALTH_CHECK_ENV``); off
     for Tune sweeps. ``ray_train``: the command runs Ray Train, whose autoscaling coordinator is started early (see
     below); the shapes and meshes commands do not, and skip that actor's process. ``import_meanwhile``: modules
     the command needs next (torch: 1.3 s on a 2-core machine), imported in a thread while Ray starts; only modules
-    that do not import Ray, so that the two threads never wait on each other's imports. Problems are
-    ``ClusterError`` (one line, exit 2).
+    that do not import Ray, so that the two threads never wait on each other's imports. ``prestart``: called as soon
+    as an embedded Ray is up, before anything else (``launch.prestart_processes``: the run's processes start while
+    the driver goes on). Problems are ``ClusterError`` (one line, exit 2).
     """
     import ray
 
@@ -75,13 +78,14 @@ def connect_ray(address: str | None, *, fast_reports: bool = True, import_meanwh
 
     imports = BackgroundImports(import_meanwhile) if import_meanwhile else None
     try:
-        return _connect(ray, address, fast_reports, ray_train)
+        return _connect(ray, address, fast_reports, ray_train, prestart)
     finally:
         if imports is not None:
             imports.finish()
 
 
-def _connect(ray: Any, address: str | None, fast_reports: bool, ray_train: bool) -> str:
+def _connect(ray: Any, address: str | None, fast_reports: bool, ray_train: bool,
+             prestart: Callable[[], object] | None) -> str:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         return EXISTING_SESSION
@@ -95,7 +99,9 @@ def _connect(ray: Any, address: str | None, fast_reports: bool, ray_train: bool)
             raise ClusterError(f"cannot connect to the Ray cluster at {gcs_address}: {first_line(exc)}") from None
         description = f"Ray cluster at {gcs_address}"
     else:
-        description = f"embedded local Ray ({_start_embedded_ray(fast_reports)})"
+        description = f"{EMBEDDED} ({_start_embedded_ray(fast_reports)})"
+        if prestart is not None:
+            prestart()
     if ray_train:
         start_autoscaling_coordinator()
     return description
@@ -310,7 +316,7 @@ def train_backend_config(backend: str) -> Any:
         from ray.train.torch import TorchConfig
 
         return TorchConfig(backend=backend)
-    from sdf_ray.startup import record_remote_marks
+    from sdf_ray.startup import process_start_time, record_remote_marks
 
     class TorchBackendOffController(Backend):  # type: ignore[misc, valid-type]
         share_cuda_visible_devices = True
@@ -322,7 +328,8 @@ def train_backend_config(backend: str) -> Any:
             ray.get([worker_group.execute_single_async(rank, _init_torch_process_group, addr, port,
                                                        backend_config.backend, rank, size, backend_config.timeout_s)
                      for rank in range(size)])
-            worker_group.execute(record_remote_marks, {"worker_group_up": started, "process_group_ready": time.time()})
+            worker_group.execute(record_remote_marks, {"controller_process_started": process_start_time(),
+                                                       "worker_group_up": started, "process_group_ready": time.time()})
 
         def on_shutdown(self, worker_group: Any, backend_config: Any) -> None:
             futures = worker_group.execute_async(_shutdown_torch, len(worker_group) > 1)
@@ -380,6 +387,99 @@ def train_worker_runtime_env(compiles: bool) -> dict[str, Any]:
     if WORKER_PROCESS_SETUP_HOOK_ENV_VAR in job_env or os.environ.get(WORKER_PROCESS_SETUP_HOOK_ENV_VAR):
         return {}
     return {"env_vars": {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: WORKER_SETUP_HOOKS[compiles]}}
+
+
+# Workaround: Ray Train starts a run's processes one after another. fit() creates the controller actor, whose
+# process Ray starts then (Python, Ray's imports, Ray Train's controller modules); the controller creates the placement
+# group and the worker actors, whose processes Ray starts only then; each worker imports torch after that. On an H200
+# with bytecode that chain took 4.8 s of the 18 s before a 40-step job's first step (docs/performance.md, session 9).
+# The raylet can start processes for a runtime env ahead of need (``NodeManagerService.PrestartWorkers``, the RPC behind
+# ``CoreWorker::PrestartWorkers``; Ray 2.60 exposes neither to Python), and a later actor whose runtime env hashes the
+# same takes one (worker_pool.cc ``WorkerFitForLease``: same job, same runtime env hash; a prestarted process has no
+# GPU or actor flag yet). As soon as the embedded Ray is up (before the autoscaling coordinator, whose creation takes
+# the driver 0.6 s), the driver asks for one controller process and one process per Train worker, with the runtime
+# envs Ray Train will give them: the workers' setup hook then imports torch while the driver builds the trainer and
+# the controller starts. Measured on an H200, 40-step job, warm cache, alternating: first step 17.7-18.7 s with, 21.3-23.8
+# s without (docs/performance.md, session 10). The runtime envs are computed as Ray Train and Ray's
+# core worker compute them (``DataParallelTrainer._initialize_and_run_controller``, ``WorkerGroup._get_worker_runtime_env``,
+# ``CoreWorker::OverrideRuntimeEnv`` and nlohmann's ``dump()``: sorted keys, no spaces); a process whose hash does not
+# match is simply never used (and the raylet stops it after its keep-alive when idle ones exceed the CPUs). Only for
+# an embedded Ray: its raylet has this driver's environment, so the propagated variables are known, and every worker
+# runs on this node.
+# ``SDF_RAY_PRESTART=0`` turns it off (to measure it, or should a Ray upgrade misbehave).
+# Delete when: Ray Train starts its controller and worker processes ahead of need itself, or Ray exposes prestarting
+# to Python. Check: tests/test_startup.py's healthy run (``startup_prestarted``) fails when the hashes stop matching.
+PRESTART_KEEP_ALIVE_S = 120
+PRESTART_ENV = "SDF_RAY_PRESTART"
+
+
+def _override_runtime_env(child: dict[str, Any], parent: dict[str, Any]) -> dict[str, Any]:
+    """``CoreWorker::OverrideRuntimeEnv``: the child's fields win, except that env vars are merged."""
+    merged = dict(parent)
+    for key, value in child.items():
+        if key == "env_vars" and "env_vars" in merged:
+            merged["env_vars"] = {**merged["env_vars"], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _serialized_like_ray(runtime_env: dict[str, Any]) -> str:
+    """A merged runtime env as Ray's core worker serialises it (nlohmann ``dump()``), the string it hashes."""
+    return json.dumps(runtime_env, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def train_process_runtime_envs(job_env: dict[str, Any], worker_runtime_env: dict[str, Any],
+                               environ: dict[str, str]) -> tuple[str, str]:
+    """(controller's, workers') serialized runtime envs for a job with runtime env ``job_env`` whose driver and
+    raylet run with ``environ`` and whose run has ``RunConfig.worker_runtime_env`` = ``worker_runtime_env``."""
+    from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+    from ray.train.v2._internal.constants import (
+        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+        ENV_VARS_TO_PROPAGATE,
+    )
+
+    def propagated(env: dict[str, str]) -> dict[str, str]:  # get_env_vars_to_propagate() in a process with ``env``
+        return {k: env[k] for k in ENV_VARS_TO_PROPAGATE if k in env}
+
+    controller_vars = propagated(environ)
+    controller_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+    controller_env = _override_runtime_env({"env_vars": controller_vars}, job_env)
+    in_controller = {**environ, **controller_env.get("env_vars", {})}  # the controller's os.environ
+    worker_child = {**worker_runtime_env,
+                    "env_vars": {**propagated(in_controller), **(worker_runtime_env.get("env_vars") or {})}}
+    worker_env = _override_runtime_env(worker_child, controller_env)
+    return _serialized_like_ray(controller_env), _serialized_like_ray(worker_env)
+
+
+def prestart_train_processes(num_workers: int, worker_runtime_env: dict[str, Any]) -> bool:
+    """Have the embedded Ray start Ray Train's controller process and ``num_workers`` worker processes now (see the
+    workaround above); False when it did not ask (then Ray starts them when the run needs them, as before)."""
+    import ray
+
+    if os.environ.get(PRESTART_ENV, "1") == "0":
+        return False
+
+    try:
+        from ray._private.grpc_utils import init_grpc_channel
+        from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc, runtime_environment_pb2
+
+        worker: Any = ray._private.worker.global_worker
+        messages: Any = (common_pb2, node_manager_pb2, runtime_environment_pb2)  # generated, without type stubs
+        common, node_manager, runtime_environment = messages
+        job_env = json.loads(worker.core_worker.get_current_runtime_env() or "{}")
+        controller, workers = train_process_runtime_envs(job_env, worker_runtime_env, dict(os.environ))
+        stub = node_manager_pb2_grpc.NodeManagerServiceStub(
+            init_grpc_channel(f"{worker.node.node_ip_address}:{worker.node.node_manager_port}"))
+        for serialized, count in ((controller, 1), (workers, num_workers)):
+            stub.PrestartWorkers(node_manager.PrestartWorkersRequest(
+                language=common.PYTHON, job_id=worker.current_job_id.binary(),
+                runtime_env_info=runtime_environment.RuntimeEnvInfo(serialized_runtime_env=serialized),
+                keep_alive_duration_secs=PRESTART_KEEP_ALIVE_S, num_workers=count), timeout=10)
+        return True
+    except Exception as exc:  # an upgraded Ray may have moved any of this: the run then starts as before
+        log.debug("cannot prestart Ray Train's processes: %s", first_line(exc))
+        return False
 
 
 def quiet_train_report_log() -> None:

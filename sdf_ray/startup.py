@@ -34,7 +34,9 @@ MARKS: tuple[tuple[str, str, str], ...] = (
     ("config_checked", "launch", "Python start-up, imports, config and dataset checks"),
     ("ray_connected", "ray_start", "start an embedded Ray, or connect to a cluster"),
     ("fit_start", "driver_prepare", "cluster checks, the trainer built, Ray Train's autoscaling coordinator up"),
-    ("worker_process_started", "worker_spawn", "Ray Train's controller, the placement group, rank 0's process spawned"),
+    ("controller_process_started", "controller_spawn", "Ray Train's controller process spawned (0: prestarted)"),
+    ("worker_process_started", "worker_spawn", "the controller up, the placement group, rank 0's process spawned "
+                                               "(0: prestarted)"),
     ("worker_group_up", "worker_group_start", "the worker actors initialised, the worker group up"),
     ("process_group_ready", "process_group_init", "the early imports finished, the torch.distributed process group"),
     ("train_fn_start", "train_fn_launch", "the training function reaches the workers (imports)"),

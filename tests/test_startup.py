@@ -135,6 +135,10 @@ def test_a_healthy_run_reports_its_startup_and_prints_no_resource_request_traceb
         marks["exit"], abs=1e-3)
     # Ray ran sdf-ray's setup hook in the Train worker (not job-wide: the controller must not import torch).
     assert summary["startup_worker_imports_preloaded"] is True
+    # The embedded Ray's raylet started the controller's and rank 0's processes before fit(), and Ray Train used
+    # them: the runtime envs sdf-ray computed hash as Ray's own (ray_session.prestart_train_processes).
+    assert summary["startup_prestarted"] == {"controller": True, "rank0": True}
+    assert marks["controller_process_started"] < marks["fit_start"] and marks["worker_process_started"] < marks["fit_start"]
     assert "device cpu  precision fp32  compile off" in proc.stdout
     assert "first step done" in proc.stdout and "ray_start" in proc.stdout
 
@@ -294,6 +298,67 @@ def test_ray_trains_controller_can_use_the_backend_config_without_importing_torc
     out = subprocess.run([sys.executable, "-c", code], input=cloudpickle.dumps(config), capture_output=True,
                          check=True)
     assert out.stdout.decode().split() == ["TrainingFramework.TORCH", "True", "False"], out.stderr.decode()[-2000:]
+
+
+def test_prestarting_happens_for_an_embedded_ray_only_and_before_the_coordinator(monkeypatch):
+    """A cluster's raylets do not have the driver's environment and its workers may land on any node: only a Ray this
+    command started gets processes ahead of need, first thing after it is up."""
+    import ray
+
+    from sdf_ray import ray_session
+
+    calls = []
+    monkeypatch.setattr(ray_session, "start_autoscaling_coordinator", lambda: calls.append("coordinator"))
+    monkeypatch.setattr(ray_session, "_start_embedded_ray", lambda fast_reports: "test")
+    monkeypatch.setattr(ray_session, "_probe", lambda gcs_address: None)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append("init"))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_session.connect_ray(None, prestart=lambda: calls.append("prestart"))
+    assert calls == ["prestart", "coordinator"]
+    calls.clear()
+    ray_session.connect_ray("127.0.0.1:6379", prestart=lambda: calls.append("prestart"))
+    assert calls == ["init", "coordinator"]
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    calls.clear()
+    ray_session.connect_ray(None, prestart=lambda: calls.append("prestart"))
+    assert calls == []
+
+
+def test_sdf_ray_prestart_0_asks_ray_for_nothing(monkeypatch):
+    from sdf_ray import ray_session
+
+    monkeypatch.setenv(ray_session.PRESTART_ENV, "0")
+    monkeypatch.setattr(ray_session, "train_process_runtime_envs", lambda *a: pytest.fail("computed envs"))
+    assert ray_session.prestart_train_processes(1, {}) is False
+
+
+def test_the_prestarted_runtime_envs_merge_and_serialise_as_ray_does():
+    """Ray Train's controller gets the job's env plus the propagated Train variables; its workers get that plus
+    their own; env vars merge and other fields of the child win (CoreWorker::OverrideRuntimeEnv); the string is
+    nlohmann's dump(): sorted keys, no spaces, non-ASCII kept (the hash the raylet compares)."""
+    from sdf_ray.ray_session import train_process_runtime_envs
+
+    job = {"env_vars": {"RAY_ADDRESS": "127.0.0.1:1", "Z": "ü"}, "working_dir": "gcs://job.zip"}
+    environ = {"RAY_TRAIN_V2_ENABLED": "1", "PATH": "/bin"}
+    controller, workers = train_process_runtime_envs(
+        job, {"env_vars": {"HOOK": "m.f"}, "working_dir": "gcs://w.zip"}, environ)
+    assert controller == ('{"env_vars":{"RAY_ADDRESS":"127.0.0.1:1","RAY_TRAIN_V2_ENABLED":"1",'
+                          '"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC":"0","Z":"ü"},"working_dir":"gcs://job.zip"}')
+    assert workers == ('{"env_vars":{"HOOK":"m.f","RAY_ADDRESS":"127.0.0.1:1","RAY_TRAIN_V2_ENABLED":"1",'
+                       '"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC":"0","Z":"ü"},"working_dir":"gcs://w.zip"}')
+    # A propagated variable the user set wins over Ray Train's default, in both processes.
+    controller, _ = train_process_runtime_envs({}, {}, {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "1"})
+    assert controller == '{"env_vars":{"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC":"1"}}'
+
+
+def test_the_summary_says_which_processes_were_prestarted():
+    from sdf_ray.launch import prestarted_processes
+
+    marks = {"fit_start": 8.0, "controller_process_started": 6.6, "worker_process_started": 9.1}
+    assert prestarted_processes(marks) == {"startup_prestarted": {"controller": True, "rank0": False}}
+    assert prestarted_processes({"controller_process_started": 6.6}) == {}
+    assert prestarted_processes({"fit_start": 8.0}) == {}
 
 
 def test_only_ray_train_commands_start_its_autoscaling_coordinator(monkeypatch):

@@ -34,6 +34,14 @@ from sdf_ray.shapes.samples import ShapeSamples
 ITERS = int(os.environ.get("ITERS", "200"))
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 VARIANTS = os.environ.get("VARIANTS", "frozen-compiled frozen-eager").split()
+if os.environ.get("INDUCTOR_TMA") == "1":
+    # Session 10: max-autotune with Triton's persistent TMA matmul templates only, so that the ReLU masks of the
+    # hand-written backward are fused into the GEMMs' epilogues (cuBLAS, which cannot take them, won every GEMM in
+    # session 5's autotuning). Affects only the max-autotune variants (default mode lowers to ATen's mm).
+    import torch._inductor.config as inductor_config
+
+    inductor_config.triton.enable_persistent_tma_matmul = True
+    inductor_config.max_autotune_gemm_backends = "TRITON"
 B = int(os.environ.get("SHAPES", "64"))
 DEVICE = os.environ.get("DEVICE", "cuda")  # DEVICE=cpu SHAPES=2 ITERS=2 ROUNDS=1: a smoke test of the script
 
