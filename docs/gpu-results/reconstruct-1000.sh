@@ -22,12 +22,16 @@ REC_TIMEOUT=${REC_TIMEOUT:-330}
 HELDOUT=${HELDOUT:-1000}         # held-out shapes to reconstruct
 IN_FLIGHT=${IN_FLIGHT:-0}        # reconstruct.batches_in_flight values, one reconstruction each (0: the default)
 FIDELITY=${FIDELITY:-0}          # >0: that many other held-out shapes reconstructed three times (see below)
+WARMUP=${WARMUP:-0}              # >0: first reconstruct that many other shapes, so that the timed run finds a warm
+                                 # compile cache (<storage>/.compile-cache), as every run after a user's first does
 source "$(dirname "$0")/common.sh"
 
 section "data: 256 training shapes; 1,000 held-out shapes in the background"
 ( $PY -m sdf_ray.cli data synth --out "$W/held-out" --num-scenes "$HELDOUT" --samples-per-scene 16384 --seed 7
   [ "$FIDELITY" -gt 0 ] && $PY -m sdf_ray.cli data synth --out "$W/fidelity" --num-scenes "$FIDELITY" \
-    --samples-per-scene 16384 --seed 8 ) > "$W/synth.log" 2>&1 &
+    --samples-per-scene 16384 --seed 8
+  [ "$WARMUP" -gt 0 ] && $PY -m sdf_ray.cli data synth --out "$W/warmup" --num-scenes "$WARMUP" \
+    --samples-per-scene 16384 --seed 9 ) > "$W/synth.log" 2>&1 &
 SYNTH=$!
 $PY -m sdf_ray.cli data synth --out "$W/train" --num-scenes 256 --samples-per-scene 16384 --seed 100 --surface-samples 0
 
@@ -46,6 +50,14 @@ for mode in $MODES; do
   if $PY -c "import sys; sys.exit(0 if float(sys.argv[1]) < float(sys.argv[2]) else 1)" "$t" "$best"; then best=$t; best_mode=$mode; fi
 done
 echo "fastest: $best_mode ($best s/shape of device time)"
+
+if [ "$WARMUP" -gt 0 ]; then
+  section "warm-up: reconstruct $WARMUP other shapes (fills the compile cache)"
+  t0=$(now)
+  timeout 200 $PY -m sdf_ray.cli reconstruct --run "$W/runs/model" --data "$W/warmup" --out "$W/rec-warmup" \
+    2>&1 | grep -v "object store\|socket.cpp" | tail -3
+  echo "exit code ${PIPESTATUS[0]}; command wall time $(since "$t0") s"
+fi
 
 for in_flight in $IN_FLIGHT; do
 section "reconstruct $HELDOUT held-out shapes, compile mode $best_mode, batches_in_flight $in_flight"
