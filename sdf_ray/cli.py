@@ -68,8 +68,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_summary(previous)
         return EXIT_OK
     clock.mark("config_checked")
+    prestart_requested: list[bool] = []
     where = connect_ray(args.address, import_meanwhile=launch.DRIVER_IMPORTS,
-                        prestart=lambda: launch.prestart_processes(cfg))
+                        prestart=lambda: prestart_requested.append(launch.prestart_processes(cfg)))
     clock.mark("ray_connected")
     launch.check_cluster_resources(cfg)
     warning = launch.storage_warning(cfg.checkpoint.storage_path, launch.num_alive_nodes())
@@ -82,6 +83,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         disconnect_ray()
     clock.mark("exit")
     summary = clock.complete(summary)
+    summary["startup_prestart_requested"] = any(prestart_requested)
+    warning = launch.unused_prestart_warning(summary)
+    if warning:
+        log.warning("warning: %s", warning)
     write_json_atomic(directory / SUMMARY_FILE, summary)
     _print_summary(summary)
     breakdown = format_breakdown(summary)

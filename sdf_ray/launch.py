@@ -205,9 +205,14 @@ def may_compile(cfg: TrainConfig) -> bool:
 
 def prestart_processes(cfg: TrainConfig) -> bool:
     """Right after an embedded Ray starts: its raylet starts Ray Train's controller and worker processes for ``cfg``
-    ahead of need (``ray_session.prestart_train_processes``)."""
+    ahead of need (``ray_session.prestart_train_processes``). Not for a run the cluster cannot hold (its one-line
+    error comes next, from :func:`check_cluster_resources`)."""
     from sdf_ray.ray_session import prestart_train_processes, train_worker_runtime_env
 
+    try:
+        check_cluster_resources(cfg)
+    except ClusterError:
+        return False
     return prestart_train_processes(cfg.scaling.num_workers, train_worker_runtime_env(may_compile(cfg)))
 
 
@@ -309,16 +314,30 @@ def fit(cfg: TrainConfig, *, callbacks: list[Any] | None = None, startup: Startu
         summary = {"status": "failed", "message": "workers exited without writing summary.json",
                    "run_name": cfg.checkpoint.run_name}
     summary = clock.complete(summary)
-    summary.update(prestarted_processes(summary.get("startup_marks") or {}))
+    summary.update(prestarted_processes(summary.get("startup_marks") or {}, restarts=int(summary.get("restarts") or 0)))
     write_json_atomic(summary_path, summary)
     return summary
 
 
-def prestarted_processes(marks: dict[str, float]) -> dict[str, Any]:
+def unused_prestart_warning(summary: dict[str, Any]) -> str | None:
+    """A line when processes were prestarted for the run (``startup_prestart_requested``) and Ray Train did not use
+    them: they idled beside it (a Ray whose runtime envs no longer hash as ``ray_session`` computes them)."""
+    from sdf_ray.ray_session import PRESTART_ENV
+
+    unused = [who for who, used in (summary.get("startup_prestarted") or {}).items() if not used]
+    if not summary.get("startup_prestart_requested") or not unused:
+        return None
+    return (f"Ray Train did not use the processes prestarted for it ({', '.join(unused)}): they idled beside the run; "
+            f"{PRESTART_ENV}=0 turns prestarting off")
+
+
+def prestarted_processes(marks: dict[str, float], *, restarts: int = 0) -> dict[str, Any]:
     """``startup_prestarted``: which of Ray Train's processes (controller, rank 0) were running before ``fit()``
-    (``prestart_processes``), from the run's marks; absent when the marks do not say."""
+    (``prestart_processes``), from the run's marks; absent when the marks do not say. After a restart of the worker
+    group, rank 0's mark is its new process's: then only the controller is told."""
     if "fit_start" not in marks:
         return {}
-    found = {who: marks[mark] < marks["fit_start"] for who, mark in
-             (("controller", "controller_process_started"), ("rank0", "worker_process_started")) if mark in marks}
+    which = [("controller", "controller_process_started")] + ([("rank0", "worker_process_started")] if not restarts
+                                                                else [])
+    found = {who: marks[mark] < marks["fit_start"] for who, mark in which if mark in marks}
     return {"startup_prestarted": found} if found else {}

@@ -27,8 +27,6 @@ log = logging.getLogger("sdf_ray")
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 FAST_HEALTH_CHECK_S = "0.1"
-EMBEDDED = "embedded local Ray"
-"""How :func:`connect_ray`'s description of a Ray it started begins."""
 EXISTING_SESSION = "existing Ray session"
 """What :func:`connect_ray` returns when this process was connected already (a caller that did not start the
 session leaves it running)."""
@@ -99,9 +97,12 @@ def _connect(ray: Any, address: str | None, fast_reports: bool, ray_train: bool,
             raise ClusterError(f"cannot connect to the Ray cluster at {gcs_address}: {first_line(exc)}") from None
         description = f"Ray cluster at {gcs_address}"
     else:
-        description = f"{EMBEDDED} ({_start_embedded_ray(fast_reports)})"
+        description = f"embedded local Ray ({_start_embedded_ray(fast_reports)})"
         if prestart is not None:
-            prestart()
+            try:
+                prestart()
+            except Exception as exc:  # a head start, never a reason to fail: the run starts its processes as before
+                log.debug("prestart failed: %s", first_line(exc))
     if ray_train:
         start_autoscaling_coordinator()
     return description
@@ -399,18 +400,37 @@ def train_worker_runtime_env(compiles: bool) -> dict[str, Any]:
 # GPU or actor flag yet). As soon as the embedded Ray is up (before the autoscaling coordinator, whose creation takes
 # the driver 0.6 s), the driver asks for one controller process and one process per Train worker, with the runtime
 # envs Ray Train will give them: the workers' setup hook then imports torch while the driver builds the trainer and
-# the controller starts. Measured on an H200, 40-step job, warm cache, alternating: first step 17.7-18.7 s with, 21.3-23.8
-# s without (docs/performance.md, session 10). The runtime envs are computed as Ray Train and Ray's
-# core worker compute them (``DataParallelTrainer._initialize_and_run_controller``, ``WorkerGroup._get_worker_runtime_env``,
-# ``CoreWorker::OverrideRuntimeEnv`` and nlohmann's ``dump()``: sorted keys, no spaces); a process whose hash does not
-# match is simply never used (and the raylet stops it after its keep-alive when idle ones exceed the CPUs). Only for
-# an embedded Ray: its raylet has this driver's environment, so the propagated variables are known, and every worker
-# runs on this node.
-# ``SDF_RAY_PRESTART=0`` turns it off (to measure it, or should a Ray upgrade misbehave).
+# the controller starts. Measured on an H200, 40-step job, warm cache, alternating: first step 14.2-15.0 s with,
+# 17.5-18.9 s without (docs/performance.md, session 10). The runtime envs are computed as Ray Train and Ray's core
+# worker compute them (``DataParallelTrainer._initialize_and_run_controller``, ``WorkerGroup._get_worker_runtime_env``,
+# ``CoreWorker::OverrideTaskOrActorRuntimeEnvInfo``); a process whose hash does not match is never used (the run then
+# warns, see cli.cmd_train). Only for an embedded Ray: its raylet has this driver's environment, so the propagated
+# variables are known, and every worker runs on this node. ``SDF_RAY_PRESTART=0`` turns it off.
 # Delete when: Ray Train starts its controller and worker processes ahead of need itself, or Ray exposes prestarting
 # to Python. Check: tests/test_startup.py's healthy run (``startup_prestarted``) fails when the hashes stop matching.
 PRESTART_KEEP_ALIVE_S = 120
 PRESTART_ENV = "SDF_RAY_PRESTART"
+
+
+def _train_constants() -> Any:
+    """Ray Train's constants module (``ray/train/v2/_internal/constants.py``), read from its file when ``ray.train`` is
+    not imported yet: importing that package (pandas, pyarrow) would delay the prestart by 0.5-1 s. The module's
+    own imports are two light modules of Ray's core."""
+    import importlib.util
+    import sys
+
+    import ray
+
+    name = "ray.train.v2._internal.constants"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        "_sdf_ray_train_constants", os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "constants.py"))
+    if spec is None or spec.loader is None:
+        raise ImportError(name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _override_runtime_env(child: dict[str, Any], parent: dict[str, Any]) -> dict[str, Any]:
@@ -424,32 +444,39 @@ def _override_runtime_env(child: dict[str, Any], parent: dict[str, Any]) -> dict
     return merged
 
 
-def _serialized_like_ray(runtime_env: dict[str, Any]) -> str:
-    """A merged runtime env as Ray's core worker serialises it (nlohmann ``dump()``), the string it hashes."""
-    return json.dumps(runtime_env, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def child_runtime_env(parent: str, child: dict[str, Any]) -> str:
+    """The serialized runtime env (the string the raylet hashes) of an actor created with ``runtime_env=child`` by
+    a process whose runtime env is ``parent`` (serialized): ``CoreWorker::OverrideTaskOrActorRuntimeEnvInfo``. An
+    empty child inherits the parent's string as it is; without a parent the child keeps its own (Python's
+    ``RuntimeEnv.serialize``); else the two merge and nlohmann's ``dump()`` writes them (sorted keys, no spaces)."""
+    from ray.runtime_env import RuntimeEnv
+
+    own = RuntimeEnv(**child).serialize()  # as ``ray.remote(...).options(runtime_env=child)`` carries it
+    if own in ("", "{}"):
+        return parent
+    if parent in ("", "{}"):
+        return own
+    merged = _override_runtime_env(json.loads(own), json.loads(parent))
+    return json.dumps(merged, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def train_process_runtime_envs(job_env: dict[str, Any], worker_runtime_env: dict[str, Any],
+def train_process_runtime_envs(job_env: str, worker_runtime_env: dict[str, Any],
                                environ: dict[str, str]) -> tuple[str, str]:
-    """(controller's, workers') serialized runtime envs for a job with runtime env ``job_env`` whose driver and
-    raylet run with ``environ`` and whose run has ``RunConfig.worker_runtime_env`` = ``worker_runtime_env``."""
-    from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
-    from ray.train.v2._internal.constants import (
-        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
-        ENV_VARS_TO_PROPAGATE,
-    )
+    """(controller's, workers') serialized runtime envs for a job whose runtime env is ``job_env`` (serialized), whose
+    driver and raylet run with ``environ``, and whose run has ``RunConfig.worker_runtime_env`` = ``worker_runtime_env``."""
+    constants = _train_constants()
 
     def propagated(env: dict[str, str]) -> dict[str, str]:  # get_env_vars_to_propagate() in a process with ``env``
-        return {k: env[k] for k in ENV_VARS_TO_PROPAGATE if k in env}
+        return {k: env[k] for k in constants.ENV_VARS_TO_PROPAGATE if k in env}
 
     controller_vars = propagated(environ)
-    controller_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
-    controller_env = _override_runtime_env({"env_vars": controller_vars}, job_env)
-    in_controller = {**environ, **controller_env.get("env_vars", {})}  # the controller's os.environ
+    controller_vars.setdefault(constants.RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+                               constants.DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+    controller = child_runtime_env(job_env, {"env_vars": controller_vars})
+    in_controller = {**environ, **(json.loads(controller).get("env_vars") or {})}  # the controller's os.environ
     worker_child = {**worker_runtime_env,
                     "env_vars": {**propagated(in_controller), **(worker_runtime_env.get("env_vars") or {})}}
-    worker_env = _override_runtime_env(worker_child, controller_env)
-    return _serialized_like_ray(controller_env), _serialized_like_ray(worker_env)
+    return controller, child_runtime_env(controller, worker_child)
 
 
 def prestart_train_processes(num_workers: int, worker_runtime_env: dict[str, Any]) -> bool:
@@ -459,7 +486,6 @@ def prestart_train_processes(num_workers: int, worker_runtime_env: dict[str, Any
 
     if os.environ.get(PRESTART_ENV, "1") == "0":
         return False
-
     try:
         from ray._private.grpc_utils import init_grpc_channel
         from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc, runtime_environment_pb2
@@ -467,15 +493,15 @@ def prestart_train_processes(num_workers: int, worker_runtime_env: dict[str, Any
         worker: Any = ray._private.worker.global_worker
         messages: Any = (common_pb2, node_manager_pb2, runtime_environment_pb2)  # generated, without type stubs
         common, node_manager, runtime_environment = messages
-        job_env = json.loads(worker.core_worker.get_current_runtime_env() or "{}")
+        job_env = worker.core_worker.get_current_runtime_env() or "{}"
         controller, workers = train_process_runtime_envs(job_env, worker_runtime_env, dict(os.environ))
-        stub = node_manager_pb2_grpc.NodeManagerServiceStub(
-            init_grpc_channel(f"{worker.node.node_ip_address}:{worker.node.node_manager_port}"))
-        for serialized, count in ((controller, 1), (workers, num_workers)):
-            stub.PrestartWorkers(node_manager.PrestartWorkersRequest(
-                language=common.PYTHON, job_id=worker.current_job_id.binary(),
-                runtime_env_info=runtime_environment.RuntimeEnvInfo(serialized_runtime_env=serialized),
-                keep_alive_duration_secs=PRESTART_KEEP_ALIVE_S, num_workers=count), timeout=10)
+        with init_grpc_channel(f"{worker.node.node_ip_address}:{worker.node.node_manager_port}") as channel:
+            stub = node_manager_pb2_grpc.NodeManagerServiceStub(channel)
+            for serialized, count in ((controller, 1), (workers, num_workers)):
+                stub.PrestartWorkers(node_manager.PrestartWorkersRequest(
+                    language=common.PYTHON, job_id=worker.current_job_id.binary(),
+                    runtime_env_info=runtime_environment.RuntimeEnvInfo(serialized_runtime_env=serialized),
+                    keep_alive_duration_secs=PRESTART_KEEP_ALIVE_S, num_workers=count), timeout=2)
         return True
     except Exception as exc:  # an upgraded Ray may have moved any of this: the run then starts as before
         log.debug("cannot prestart Ray Train's processes: %s", first_line(exc))

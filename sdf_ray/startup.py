@@ -37,7 +37,8 @@ MARKS: tuple[tuple[str, str, str], ...] = (
     ("controller_process_started", "controller_spawn", "Ray Train's controller process spawned (0: prestarted)"),
     ("worker_process_started", "worker_spawn", "the controller up, the placement group, rank 0's process spawned "
                                                "(0: prestarted)"),
-    ("worker_group_up", "worker_group_start", "the worker actors initialised, the worker group up"),
+    ("worker_group_up", "worker_group_start", "the worker actors initialised, the worker group up (after "
+                                              "prestarted processes: the controller's set-up too)"),
     ("process_group_ready", "process_group_init", "the early imports finished, the torch.distributed process group"),
     ("train_fn_start", "train_fn_launch", "the training function reaches the workers (imports)"),
     ("data_loaded", "data_load", "device set-up, resume checkpoint, this rank's scenes read"),

@@ -101,7 +101,9 @@ def test_a_healthy_run_reports_its_startup_and_prints_no_resource_request_traceb
 
     data = tmp_path / "data"
     synth_dataset(data, num_scenes=8, samples_per_scene=512, seed=0)
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    # A variable Ray Train propagates to its controller and workers: the prestarted processes' runtime envs carry it.
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120"}
     env.pop("RAY_ADDRESS", None)
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     env.pop("TRITON_CACHE_DIR", None)
@@ -137,7 +139,9 @@ def test_a_healthy_run_reports_its_startup_and_prints_no_resource_request_traceb
     assert summary["startup_worker_imports_preloaded"] is True
     # The embedded Ray's raylet started the controller's and rank 0's processes before fit(), and Ray Train used
     # them: the runtime envs sdf-ray computed hash as Ray's own (ray_session.prestart_train_processes).
+    assert summary["startup_prestart_requested"] is True
     assert summary["startup_prestarted"] == {"controller": True, "rank0": True}
+    assert "did not use the processes prestarted" not in out
     assert marks["controller_process_started"] < marks["fit_start"] and marks["worker_process_started"] < marks["fit_start"]
     assert "device cpu  precision fp32  compile off" in proc.stdout
     assert "first step done" in proc.stdout and "ray_start" in proc.stdout
@@ -334,22 +338,54 @@ def test_sdf_ray_prestart_0_asks_ray_for_nothing(monkeypatch):
 
 
 def test_the_prestarted_runtime_envs_merge_and_serialise_as_ray_does():
-    """Ray Train's controller gets the job's env plus the propagated Train variables; its workers get that plus
-    their own; env vars merge and other fields of the child win (CoreWorker::OverrideRuntimeEnv); the string is
-    nlohmann's dump(): sorted keys, no spaces, non-ASCII kept (the hash the raylet compares)."""
+    """The merge (CoreWorker::OverrideRuntimeEnv: env vars merge, other fields of the child win) and the string the
+    raylet hashes: nlohmann's dump() for a merged env (sorted keys, no spaces, non-ASCII kept), Python's own
+    serialisation for a child without a parent, the parent's string untouched for an empty child."""
+    from sdf_ray.ray_session import child_runtime_env
+
+    job = '{"env_vars": {"RAY_ADDRESS": "127.0.0.1:1", "Z": "\u00fc"}, "working_dir": "gcs://job.zip"}'
+    assert child_runtime_env(job, {"env_vars": {"A": "1"}, "working_dir": "gcs://w.zip"}) == (
+        '{"env_vars":{"A":"1","RAY_ADDRESS":"127.0.0.1:1","Z":"ü"},"working_dir":"gcs://w.zip"}')
+    assert child_runtime_env("{}", {"env_vars": {"B": "2", "A": "1"}}) == '{"env_vars": {"A": "1", "B": "2"}}'
+    assert child_runtime_env(job, {"env_vars": {}}) == job
+
+
+def test_the_prestarted_runtime_envs_carry_what_ray_train_propagates(monkeypatch):
+    """The variables in the controller's and the workers' runtime envs are the ones Ray Train's own functions give,
+    in a driver and a controller with the same environment (a variable the user set wins over Ray Train's default)."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+    from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
+
     from sdf_ray.ray_session import train_process_runtime_envs
 
-    job = {"env_vars": {"RAY_ADDRESS": "127.0.0.1:1", "Z": "ü"}, "working_dir": "gcs://job.zip"}
-    environ = {"RAY_TRAIN_V2_ENABLED": "1", "PATH": "/bin"}
-    controller, workers = train_process_runtime_envs(
-        job, {"env_vars": {"HOOK": "m.f"}, "working_dir": "gcs://w.zip"}, environ)
-    assert controller == ('{"env_vars":{"RAY_ADDRESS":"127.0.0.1:1","RAY_TRAIN_V2_ENABLED":"1",'
-                          '"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC":"0","Z":"ü"},"working_dir":"gcs://job.zip"}')
-    assert workers == ('{"env_vars":{"HOOK":"m.f","RAY_ADDRESS":"127.0.0.1:1","RAY_TRAIN_V2_ENABLED":"1",'
-                       '"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC":"0","Z":"ü"},"working_dir":"gcs://w.zip"}')
-    # A propagated variable the user set wins over Ray Train's default, in both processes.
-    controller, _ = train_process_runtime_envs({}, {}, {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "1"})
-    assert controller == '{"env_vars":{"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC":"1"}}'
+    environ = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "90", "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "1", "PATH": "/bin"}
+    job = '{"env_vars": {"RAY_ADDRESS": "127.0.0.1:1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}}'
+    custom = {"env_vars": {"HOOK": "m.f"}}
+    controller, workers = train_process_runtime_envs(job, custom, environ)
+    job_vars = json.loads(job)["env_vars"]
+    monkeypatch.setattr(os, "environ", dict(environ))
+    ray_controller_vars = get_env_vars_to_propagate()  # what DataParallelTrainer passes to its controller
+    assert json.loads(controller)["env_vars"] == {**job_vars, **ray_controller_vars}
+    monkeypatch.setattr(os, "environ", {**environ, **json.loads(controller)["env_vars"]})  # inside the controller
+    ray_worker_vars = WorkerGroup._get_worker_runtime_env(custom)["env_vars"]
+    assert json.loads(workers)["env_vars"] == {**json.loads(controller)["env_vars"], **ray_worker_vars}
+    assert json.loads(workers)["env_vars"]["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "90"
+
+
+def test_a_failing_prestart_never_fails_the_connection(monkeypatch):
+    import ray
+
+    from sdf_ray import ray_session
+
+    monkeypatch.setattr(ray_session, "start_autoscaling_coordinator", lambda: None)
+    monkeypatch.setattr(ray_session, "_start_embedded_ray", lambda fast_reports: "test")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def broken() -> None:
+        raise RuntimeError("an upgraded Ray moved something")
+
+    assert ray_session.connect_ray(None, prestart=broken) == "embedded local Ray (test)"
 
 
 def test_the_summary_says_which_processes_were_prestarted():
@@ -359,6 +395,17 @@ def test_the_summary_says_which_processes_were_prestarted():
     assert prestarted_processes(marks) == {"startup_prestarted": {"controller": True, "rank0": False}}
     assert prestarted_processes({"controller_process_started": 6.6}) == {}
     assert prestarted_processes({"fit_start": 8.0}) == {}
+    from sdf_ray.launch import unused_prestart_warning
+
+    assert unused_prestart_warning({"startup_prestart_requested": True,
+                                    "startup_prestarted": {"controller": True, "rank0": True}}) is None
+    assert "(rank0)" in unused_prestart_warning({"startup_prestart_requested": True,
+                                                 "startup_prestarted": {"controller": True, "rank0": False}})
+    assert unused_prestart_warning({"startup_prestart_requested": False,
+                                    "startup_prestarted": {"controller": False, "rank0": False}}) is None
+    # After a restart, rank 0's mark is its new process's: only the controller is told.
+    assert prestarted_processes({**marks, "worker_process_started": 1.0}, restarts=1) == {
+        "startup_prestarted": {"controller": True}}
 
 
 def test_only_ray_train_commands_start_its_autoscaling_coordinator(monkeypatch):
