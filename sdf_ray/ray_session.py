@@ -400,8 +400,8 @@ def train_worker_runtime_env(compiles: bool) -> dict[str, Any]:
 # GPU or actor flag yet). As soon as the embedded Ray is up (before the autoscaling coordinator, whose creation takes
 # the driver 0.6 s), the driver asks for one controller process and one process per Train worker, with the runtime
 # envs Ray Train will give them: the workers' setup hook then imports torch while the driver builds the trainer and
-# the controller starts. Measured on an H200, 40-step job, warm cache, alternating: first step 14.2-15.0 s with,
-# 17.5-18.9 s without (docs/performance.md, session 10). The runtime envs are computed as Ray Train and Ray's core
+# the controller starts. Measured on an H200, 40-step job, warm cache, alternating: first step 12.4-14.7 s with,
+# 18.3-20.6 s without (docs/performance.md, session 10). The runtime envs are computed as Ray Train and Ray's core
 # worker compute them (``DataParallelTrainer._initialize_and_run_controller``, ``WorkerGroup._get_worker_runtime_env``,
 # ``CoreWorker::OverrideTaskOrActorRuntimeEnvInfo``); a process whose hash does not match is never used (the run then
 # warns, see cli.cmd_train). Only for an embedded Ray: its raylet has this driver's environment, so the propagated
