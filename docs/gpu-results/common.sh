@@ -27,3 +27,17 @@ nproc; git log -1 --format='commit %h %s' 2>/dev/null || true
 # The device machine's .git can lag the working tree it was sent (seen in session 8: every log said the session's
 # first commit). The content of the package identifies the tree: compare with the same command at a commit here.
 echo "sdf_ray/ content sha1: $(find sdf_ray -name '*.py' | LC_ALL=C sort | xargs cat | sha1sum | cut -c1-12)"
+
+# The 40-step job (deepsdf.yaml on NUM_SCENES generated scenes of SAMPLES samples, precision and compile auto:
+# bf16 + compile on the GPU, a report every 8 steps): generates its data under $W/d and sets FAST, the arguments of
+# `sdf-ray train`. CONFIG, NUM_SCENES and SAMPLES size it.
+job40_setup() {
+  NUM_SCENES=${NUM_SCENES:-512}; SAMPLES=${SAMPLES:-16384}; CONFIG=${CONFIG:-sdf_ray/configs/deepsdf.yaml}
+  section "data: $NUM_SCENES scenes x $SAMPLES samples"
+  $PY -m sdf_ray.cli data synth --out "$W/d" --num-scenes "$NUM_SCENES" --samples-per-scene "$SAMPLES" --seed 0 \
+    --surface-samples 0
+  FAST=(--config "$CONFIG" --set "data.path=$W/d" --set optim.precision=auto --set model.compile=auto
+        --set optim.num_epochs=5 --set logging.every_n_steps=8 --set checkpoint.every_n_epochs=5
+        --set "checkpoint.storage_path=$W/runs" --set checkpoint.run_name=job40 --overwrite)
+}
+

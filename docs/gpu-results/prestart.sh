@@ -8,13 +8,7 @@ set -uo pipefail
 W=${W:-/tmp/issue14-s10}
 PY=${PY:-python3}
 source "$(dirname "$0")/common.sh"
-NUM_SCENES=${NUM_SCENES:-512}; SAMPLES=${SAMPLES:-16384}; CONFIG=${CONFIG:-sdf_ray/configs/deepsdf.yaml}
-section "data: $NUM_SCENES scenes x $SAMPLES samples"
-$PY -m sdf_ray.cli data synth --out "$W/d" --num-scenes "$NUM_SCENES" --samples-per-scene "$SAMPLES" --seed 0 \
-  --surface-samples 0
-FAST=(--config "$CONFIG" --set "data.path=$W/d" --set optim.precision=auto --set model.compile=auto
-      --set optim.num_epochs=5 --set logging.every_n_steps=8 --set checkpoint.every_n_epochs=5
-      --set "checkpoint.storage_path=$W/runs" --set checkpoint.run_name=job40 --overwrite)
+job40_setup  # the data and the job's arguments (FAST), common.sh
 RUNS=${RUNS-"cold:1 warm:1 warm:0 warm:1 warm:0 warm:1 warm:0"}
 for run in $RUNS; do
   cache=${run%%:*}; prestart=${run##*:}

@@ -43,14 +43,7 @@ EOF
   done
 done
 
-NUM_SCENES=${NUM_SCENES:-512}; SAMPLES=${SAMPLES:-16384}; CONFIG=${CONFIG:-sdf_ray/configs/deepsdf.yaml}
-section "data: $NUM_SCENES scenes x $SAMPLES samples"
-$PY -m sdf_ray.cli data synth --out "$W/d" --num-scenes "$NUM_SCENES" --samples-per-scene "$SAMPLES" --seed 0 \
-  --surface-samples 0
-
-FAST=(--config "$CONFIG" --set "data.path=$W/d" --set optim.precision=auto --set model.compile=auto
-      --set optim.num_epochs=5 --set logging.every_n_steps=8 --set checkpoint.every_n_epochs=5
-      --set "checkpoint.storage_path=$W/runs" --set checkpoint.run_name=job40 --overwrite)
+job40_setup  # the data and the job's arguments (FAST), common.sh
 JOB40_RUNS=${JOB40_RUNS-"cold warm"}
 for run in $JOB40_RUNS; do
   section "40-step job, $run compile cache"
