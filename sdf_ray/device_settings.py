@@ -18,7 +18,6 @@ from typing import TypeVar
 import torch
 
 from sdf_ray.config import TrainConfig
-from sdf_ray.errors import ConfigError
 from sdf_ray.shapes.config import Precision, ReconstructConfig
 
 T = TypeVar("T")
@@ -65,28 +64,9 @@ def resolve_for_device(cfg: TrainConfig, device: torch.device) -> TrainConfig:
 
 
 def resolve_reconstruct_for_device(cfg: ReconstructConfig, device: torch.device) -> ReconstructConfig:
-    """The ``reconstruct`` section with ``precision``, ``compile`` and ``backward_precision`` concrete for
-    ``device``, same rules."""
-    precision = resolve_precision(cfg.precision, device)
-    return dataclasses.replace(cfg, precision=precision, compile=resolve_compile(cfg.compile, device),
-                               backward_precision=resolve_backward_precision(cfg, precision, device))
-
-
-FP8_CAPABILITY = (8, 9)
-"""FP8 tensor cores (``torch._scaled_mm``): Ada and Hopper onwards."""
-
-
-def resolve_backward_precision(cfg: ReconstructConfig, precision: str, device: torch.device) -> str:
-    """``auto``: fp8 for the hand-written backward in bf16 on a GPU with FP8 tensor cores, else same. An explicit
-    fp8 runs on such GPUs and on CPUs (torch emulates it there: for tests), and is refused on older GPUs."""
-    fp8_gpu = device.type == "cuda" and _capability(device) >= FP8_CAPABILITY
-    if cfg.backward_precision == "auto":
-        return "fp8" if fp8_gpu and cfg.code_gradient == "hand-written" and precision == "bf16" else "same"
-    if cfg.backward_precision == "fp8" and device.type == "cuda" and not fp8_gpu:
-        raise ConfigError([f"reconstruct.backward_precision: fp8 needs a GPU of compute capability "
-                           f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]}+, this one has "
-                           f"{'.'.join(map(str, _capability(device)))}"])
-    return cfg.backward_precision
+    """The ``reconstruct`` section with ``precision`` and ``compile`` concrete for ``device``, same rules."""
+    return dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device),
+                               compile=resolve_compile(cfg.compile, device))
 
 
 def describe(cfg: TrainConfig, resolved: TrainConfig) -> str:

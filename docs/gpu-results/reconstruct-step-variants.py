@@ -4,9 +4,7 @@
 
 - autograd-compiled: the compiled DeepSDFDecoder module and autograd to the codes (sessions 4-6's path);
 - frozen-compiled / frozen-autotune / frozen-eager: sdf_ray.shapes.frozen_decoder (fused bias+ReLU GEMMs,
-  hand-written backward), compiled (default or max-autotune-no-cudagraphs) or not; VARIANTS picks them;
-- frozen-fp8: frozen-compiled with the backward's GEMMs in FP8 (reconstruct.backward_precision: fp8), and
-  (GEMMS=1) its GEMM alone against bf16's, and the code gradient's error of both against float64.
+  hand-written backward), compiled (default or max-autotune-no-cudagraphs) or not; VARIANTS picks them.
 
 Each: ``reconstruct_codes`` on 64 shapes x ITERS iterations x 8,000 samples (bf16), after a 3-iteration warm-up
 that compiles; rounds alternate (A B C A B C ...) and the median per round is printed. Then the codes' agreement
@@ -67,8 +65,8 @@ def main() -> None:
     cfg = dataclasses.replace(ReconstructConfig(), num_iterations=ITERS, precision="bf16")
     warm = dataclasses.replace(cfg, num_iterations=3)
 
-    def step(code_gradient: str, compile: bool, mode: str = "default", backward: str = "same") -> Any:
-        c = dataclasses.replace(cfg, code_gradient=code_gradient, compile_mode=mode, backward_precision=backward)
+    def step(code_gradient: str, compile: bool, mode: str = "default") -> Any:
+        c = dataclasses.replace(cfg, code_gradient=code_gradient, compile_mode=mode)
         return prepare(decoder, c, 0.1, compile=compile).step
 
     makers = {
@@ -76,7 +74,6 @@ def main() -> None:
         "frozen-compiled": lambda: step("hand-written", True),
         "frozen-autotune": lambda: step("hand-written", True, "max-autotune-no-cudagraphs"),
         "frozen-eager": lambda: step("hand-written", False),
-        "frozen-fp8": lambda: step("hand-written", True, backward="fp8"),
     }
     names = ["autograd-compiled"] + [n for n in VARIANTS if n != "autograd-compiled"]
     variants: dict[str, Any] = {name: makers[name]() for name in names}
@@ -142,68 +139,15 @@ def main() -> None:
     a, b = module_fwd(), frozen_fwd_call()
     print(f"decode values frozen vs module (bf16): max |diff| {(a - b).abs().max():.2e}, mean |sdf| {a.abs().mean():.2e}")
 
-    if os.environ.get("GEMMS") == "1":
-        gemms(device)
-
     from torch.profiler import ProfilerActivity, profile
 
     one = dataclasses.replace(cfg, num_iterations=5)
-    for name in ("autograd-compiled", "frozen-compiled", "frozen-fp8"):
-        if name not in variants:
-            continue
+    for name in ("autograd-compiled", "frozen-compiled"):
         with profile(activities=[ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU]) as prof:
             reconstruct_codes(variants[name], bank, one, 0.1, 256, B)
             sync()
         print(f"\n--- {name}: kernels of 5 iterations (CUDA time) ---")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
-
-
-def timed(fn: Any, n: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / n
-
-
-def gemms(device: torch.device) -> None:
-    """One backward GEMM (512,000 x 512 @ 512 x 512) in bf16, as FP8 with its row quantisation (compiled), and
-    the code gradient's relative error against float64 in bf16 and with FP8 backward GEMMs (8 shapes)."""
-    from sdf_ray.shapes.frozen_decoder import clamped_l1_and_code_gradient, fp8_columns, fp8_rows_mm
-
-    rows = int(os.environ.get("GEMM_ROWS", "512000"))
-    g = torch.randn(rows, 512, device=device, dtype=torch.bfloat16) * 1e-4
-    w = torch.randn(512, 512, device=device) * 0.05
-    wb = w.to(torch.bfloat16)
-    w8, ws = fp8_columns(w)
-    quantised = torch.compile(lambda a: fp8_rows_mm(a, w8, ws, torch.bfloat16))
-    for fast in (False, True):
-        def scaled() -> torch.Tensor:
-            return torch._scaled_mm(a8, w8, scale_a=sa, scale_b=ws, out_dtype=torch.bfloat16, use_fast_accum=fast)
-        sa = torch.ones(rows, 1, device=device)
-        a8 = g.to(torch.float8_e4m3fn)
-        print(f"_scaled_mm alone (use_fast_accum={fast}): {timed(scaled) * 1e3:.3f} ms")
-    print(f"bf16 mm: {timed(lambda: g @ wb) * 1e3:.3f} ms; fp8 with row quantisation (compiled): "
-          f"{timed(lambda: quantised(g)) * 1e3:.3f} ms")
-    ref = (g.double() @ w.double())
-    for name, out in (("bf16", g @ wb), ("fp8", quantised(g))):
-        print(f"  {name} GEMM relative error {((out.double() - ref).norm() / ref.norm()).item():.2e}")
-    torch.manual_seed(1)
-    dec = DeepSDFDecoder(config_mod.TrainConfig().model).to(device).eval()
-    ref_dec = FrozenDecoder(DeepSDFDecoder(config_mod.TrainConfig().model).to(device).double().eval(), torch.float64)
-    ref_dec.load_state_dict({k: v.double() for k, v in FrozenDecoder(dec, torch.float32).state_dict().items()})
-    z = torch.randn(8, 256, device=device) * 0.01
-    xyz = torch.rand(8, 8000, 3, device=device) * 2 - 1
-    sdf = xyz.norm(dim=-1) - 0.5
-    _, g64 = clamped_l1_and_code_gradient(ref_dec, z.double(), xyz.double(), sdf.double(), 0.1, 1e-4)
-    for name, fp8 in (("bf16", False), ("fp8 backward", True)):
-        _, gz = clamped_l1_and_code_gradient(FrozenDecoder(dec, torch.bfloat16, fp8_backward=fp8), z, xyz, sdf, 0.1, 1e-4)
-        rel = (gz.double() - g64).norm(dim=1) / g64.norm(dim=1)
-        cos = torch.nn.functional.cosine_similarity(gz.double(), g64, dim=1)
-        print(f"code gradient {name} vs float64: relative error median {rel.median():.2e}, cosine min {cos.min():.5f}")
 
 
 if __name__ == "__main__":

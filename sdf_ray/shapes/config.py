@@ -76,12 +76,6 @@ class ReconstructConfig:
     module (the reference the hand-written one is tested against). Decoding (meshes, ``sdf_l1``, also in ``mesh``)
     goes through the same module: in bf16 the hand-written one sums the input layers' terms in fp32, so values
     differ from the module's at bf16 rounding. Validation during training (``val/*``) takes the same path, eager."""
-    backward_precision: Literal["auto", "same", "fp8"] = "same"
-    """The hand-written backward's GEMMs (``code_gradient: hand-written``, ``precision: bf16``): same (in the
-    forward's dtype) or fp8 (the incoming gradient quantised to e4m3 with one scale per row, the weights with one
-    per column, fp32 accumulation: ``torch._scaled_mm`` on GPUs with FP8 tensor cores, compute capability 8.9+);
-    auto: fp8 for bf16 on such GPUs, same elsewhere (an explicit fp8 also runs on CPUs, emulated). The forward (the loss, the decoded SDF) is the precision's either
-    way: FP8 perturbs only the direction of each step."""
     shapes_per_batch: PositiveInt = 64
     """Shapes optimised together in one device step (independent codes: a batch equals separate runs)."""
     seed: NonNegativeInt = 0
@@ -134,8 +128,6 @@ class ReconstructConfig:
         """Problems between fields (the structurer runs this once the section is built)."""
         if not isinstance(self.compile, bool) and self.compile != "auto":  # 1 == True passes the Literal check
             yield "compile", f"expected true, false or 'auto', got {self.compile!r}"
-        if self.backward_precision == "fp8" and self.code_gradient != "hand-written":
-            yield "backward_precision", "fp8 needs code_gradient: hand-written (autograd's backward is torch's)"
 
 
 def lr_at(cfg: ReconstructConfig, iteration: int) -> float:

@@ -51,10 +51,9 @@ class FrozenDecoder(nn.Module):
     """A frozen :class:`DeepSDFDecoder`'s function in one compute dtype. ``forward(latent, xyz)`` has the
     decoder's interface (decoding); :meth:`trace` and :meth:`code_gradient` serve the optimisation."""
 
-    def __init__(self, decoder: DeepSDFDecoder, dtype: torch.dtype, fp8_backward: bool = False) -> None:
+    def __init__(self, decoder: DeepSDFDecoder, dtype: torch.dtype) -> None:
         super().__init__()
         self.dtype = dtype
-        self.fp8_backward = fp8_backward
         self.acc = torch.promote_types(dtype, torch.float32)  # fp32, or float64 for a float64 decoder (tests)
         self.latent_size = decoder.latent_size
         self.output_tanh = decoder.output_tanh
@@ -65,10 +64,6 @@ class FrozenDecoder(nn.Module):
                 w_h, w_in, bias = decoder._split_weight(i)
                 if w_h is not None:
                     self.register_buffer(f"w_h{i}", w_h.detach().to(dtype).contiguous())
-                    if fp8_backward:
-                        w8, scale = fp8_columns(w_h.detach().float())
-                        self.register_buffer(f"w8_h{i}", w8)
-                        self.register_buffer(f"w8_scale{i}", scale)
                 if w_in is not None:
                     self.register_buffer(f"w_z{i}", w_in[:, :self.latent_size].detach().to(self.acc).contiguous())
                     self.register_buffer(f"w_xyz_T{i}", w_in[:, self.latent_size:].detach().to(self.acc).t().contiguous())
@@ -143,33 +138,8 @@ class FrozenDecoder(nn.Module):
                     per_code = g_pre.view(B, S, -1).sum(dim=1, dtype=self.acc)
                     grad = grad + per_code @ self._t(f"w_z{i}")
                 if i > 0:
-                    if self.fp8_backward:
-                        g_h = fp8_rows_mm(g_pre, self._t(f"w8_h{i}"), self._t(f"w8_scale{i}"), self.dtype)
-                    else:
-                        g_h = torch.mm(g_pre, self._t(f"w_h{i}"))
+                    g_h = torch.mm(g_pre, self._t(f"w_h{i}"))
         return grad
-
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-
-
-def fp8_columns(w_KN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w`` ``[K, N]`` as ``torch._scaled_mm``'s second operand: e4m3, column-major, one fp32 scale per column
-    (``[1, N]``) so that each column's largest entry maps to the format's largest value."""
-    amax = w_KN.abs().amax(dim=0, keepdim=True).float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)
-    w8 = (w_KN / scale).to(FP8)
-    return w8.t().contiguous().t(), scale.contiguous()
-
-
-def fp8_rows_mm(a_MK: torch.Tensor, w8_KN: torch.Tensor, w_scale_1N: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``a @ w`` with ``a`` quantised to e4m3 per row (one scale per row, from the row's largest entry) and ``w``
-    from :func:`fp8_columns`: an FP8 GEMM with fp32 accumulation, rescaled per row and column, in ``out_dtype``."""
-    amax = a_MK.abs().amax(dim=1, keepdim=True).float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)
-    a8 = (a_MK.float() / scale).to(FP8)
-    return torch._scaled_mm(a8, w8_KN, scale_a=scale, scale_b=w_scale_1N, out_dtype=out_dtype)
 
 
 def clamped_l1_and_code_gradient(frozen: FrozenDecoder, codes_BL: torch.Tensor, xyz_BS3: torch.Tensor,

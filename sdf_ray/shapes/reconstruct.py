@@ -215,8 +215,7 @@ def prepare(decoder: nn.Module, cfg: ReconstructConfig, clamp_dist: float, compi
 
     model = decoder  # any other module (an analytic test decoder, say) has no frozen form: autograd through it
     if cfg.code_gradient == "hand-written" and isinstance(decoder, DeepSDFDecoder):
-        model = FrozenDecoder(decoder, compute_dtype(cfg.precision, decoder),
-                              fp8_backward=cfg.backward_precision == "fp8")
+        model = FrozenDecoder(decoder, compute_dtype(cfg.precision, decoder))
     if not compile:
         return Prepared(model, model, code_step(model, cfg, clamp_dist))
     from sdf_ray.device_settings import compile_module
