@@ -80,8 +80,9 @@ class DeepSDFDecoder(nn.Module):
         return w_h, w_in, bias
 
     def _input_term(self, w_in: torch.Tensor, bias: torch.Tensor, latent: torch.Tensor,
-                    xyz: torch.Tensor) -> torch.Tensor:
-        """``W_z z + b`` once per code, broadcast against ``W_xyz xyz`` per point."""
+                    xyz: torch.Tensor, code_index: torch.Tensor | None = None) -> torch.Tensor:
+        """``W_z z + b`` once per code, broadcast against ``W_xyz xyz`` per point (or gathered per point by
+        ``code_index``)."""
         codes = latent.reshape(-1, self.latent_size)
         # One small GEMM probes the layer with each code (at xyz = 0) and each unit axis (at z = 0). Its
         # output rows are contiguous, so the per-point sum below reads the axis responses coalesced (a
@@ -91,9 +92,14 @@ class DeepSDFDecoder(nn.Module):
         rows = linear(probes, w_in)
         # The bias is an fp32 parameter: keep the sum in the GEMM's dtype (bf16 under autocast).
         per_code = (rows[:-3] + bias).to(rows.dtype).view(*latent.shape[:-1], w_in.shape[0])
+        if code_index is not None:
+            per_code = per_code[code_index]
         return (per_code + point_term(xyz, rows[-3:])).to(per_code.dtype)
 
-    def forward(self, latent: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, xyz: torch.Tensor,
+                code_index: torch.Tensor | None = None) -> torch.Tensor:
+        """``code_index`` (decoding many shapes' points at once): codes ``[B, L]``, points ``[P, 3]``, point p
+        decoded with code ``code_index[p]``, values ``[P]``."""
         if latent.shape[-1] != self.latent_size or xyz.shape[-1] != 3:
             raise ValueError(f"expected latent [..., {self.latent_size}] and xyz [..., 3], "
                              f"got {tuple(latent.shape)} and {tuple(xyz.shape)}")
@@ -104,9 +110,9 @@ class DeepSDFDecoder(nn.Module):
                 assert w_h is not None
                 x = linear(x, w_h, bias)
             elif w_h is None:
-                x = self._input_term(w_in, bias, latent, xyz)
+                x = self._input_term(w_in, bias, latent, xyz, code_index)
             else:
-                x = linear(x, w_h) + self._input_term(w_in, bias, latent, xyz)
+                x = linear(x, w_h) + self._input_term(w_in, bias, latent, xyz, code_index)
             x = relu_dropout(x, self.dropout, self.training, cacheable=self.cacheable_graph)
         out = self.layers[-1]
         assert isinstance(out, nn.Linear)

@@ -123,9 +123,32 @@ def test_the_compiled_step_and_decoder_equal_the_eager_ones():
     sdf = torch.randn(2, 64, generator=g) * 0.05
     for got, want in zip(compiled.step(z, xyz, sdf), eager.step(z, xyz, sdf)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    index = torch.tensor([1, 0] * 32)
     with torch.no_grad():
         torch.testing.assert_close(compiled.decode(z.unsqueeze(1), xyz[:1]), eager.decode(z.unsqueeze(1), xyz[:1]),
                                    rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(compiled.decode(z, xyz[0], code_index=index),
+                                   eager.decode(z, xyz[0], code_index=index), rtol=1e-5, atol=1e-7)
+
+
+def test_decoding_many_shapes_by_code_index_equals_decoding_each_shape_alone():
+    """``code_index`` (the grid decoding's shared calls): point p with code ``codes[index[p]]``, in both decoders,
+    equal to decoding each shape's points with its own code (and the frozen decoder equal to the module)."""
+    from sdf_ray.shapes.decode import decode_indexed
+
+    decoder = _decoder()
+    frozen = FrozenDecoder(decoder, torch.float64)
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randn(4, L, generator=g, dtype=torch.float64) * 0.3
+    xyz = torch.rand(50, 3, generator=g, dtype=torch.float64) * 2 - 1
+    index = torch.tensor([3, 0, 0, 2] * 12 + [1, 3])
+    with torch.no_grad():
+        alone = torch.stack([decoder(codes[i], xyz[p]) for p, i in enumerate(index.tolist())])
+        for module in (decoder, frozen):
+            torch.testing.assert_close(module(codes, xyz, code_index=index), alone, rtol=1e-12, atol=1e-14)
+            # in chunks of 16 points, the last one padded
+            torch.testing.assert_close(decode_indexed(module, codes, index, xyz, "fp32", 16, pad=True).double(),
+                                       alone.float().double(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("code_gradient", ["hand-written", "autograd"])

@@ -64,18 +64,32 @@ def test_coarse_to_fine_decodes_a_small_fraction_at_high_resolution():
 
 
 @pytest.mark.parametrize("stride", [5, 8])
-def test_the_device_plan_matches_the_cpu_plan(stride):
+def test_the_device_plan_of_several_shapes_matches_the_cpu_plan_of_each(stride):
+    """The device plans the levels of a group of shapes at once (one decoder call per level for all of them):
+    each shape's blocks, points and order equal its own CPU plan."""
     spec = GridSpec(48, stride, 2.0)
-    fn = SHAPES["torus"]
-    coarse = fn(coarse_points(spec)).astype(np.float32)
-    np.testing.assert_array_equal(_refine_blocks(spec, torch.from_numpy(coarse)).numpy(), refine_blocks(spec, coarse))
-    blocks, decoded = plan_levels(spec, coarse, fn)
+    fns = [SHAPES["torus"], SHAPES["sphere"], SHAPES["synth-4"]]
+    coarse = np.stack([fn(coarse_points(spec)).astype(np.float32) for fn in fns])
+    for b, fn in enumerate(fns):
+        np.testing.assert_array_equal(_refine_blocks(spec, torch.from_numpy(coarse))[b].numpy(),
+                                      refine_blocks(spec, coarse[b]))
+
+    def decode(index: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        out = np.empty(len(p), dtype=np.float32)
+        for b, fn in enumerate(fns):
+            mine = (index == b).numpy()
+            out[mine] = fn(p.numpy()[mine])
+        return torch.from_numpy(out)
+
     axis = torch.from_numpy(spec.axis())
-    blocks_t, decoded_t = _plan_levels(spec, torch.from_numpy(coarse), axis,
-                                       lambda p: torch.from_numpy(fn(p.numpy()).astype(np.float32)))
-    np.testing.assert_array_equal(blocks_t.numpy(), blocks)
-    assert decoded_t == decoded and (decoded > 0) == (stride == 8)
-    np.testing.assert_array_equal(_fine_points(spec, blocks_t, axis).numpy(), fine_points(spec, blocks))
+    blocks_t, decoded_t = _plan_levels(spec, torch.from_numpy(coarse), axis, decode)
+    index, points = _fine_points(spec, blocks_t, axis)
+    for b, fn in enumerate(fns):
+        blocks, decoded = plan_levels(spec, coarse[b], fn)
+        np.testing.assert_array_equal(blocks_t[b].numpy(), blocks)
+        assert decoded_t[b].item() == decoded and (decoded > 0) == (stride == 8)
+        np.testing.assert_array_equal(points[index == b].numpy(), fine_points(spec, blocks))
+    assert (np.diff(index.numpy()) >= 0).all()  # shape by shape
 
 
 class SphereCodes(nn.Module):
@@ -119,8 +133,9 @@ def test_static_batch_decoding_pads_to_two_input_shapes_and_changes_no_value():
             np.testing.assert_array_equal(a.block_mask, b.block_mask)
             np.testing.assert_allclose(a.coarse_values, b.coarse_values, atol=1e-6)
             np.testing.assert_allclose(a.fine_values, b.fine_values, atol=1e-6)  # chunking: rounding only
-    # the coarse pass on 4 codes x 1,250-point chunks, the fine pass on 1 code x 1,250-point chunks (5000 // 4)
-    assert recorder.seen == {((4, 1, 2), (1, 1250, 3)), ((1, 1, 2), (1, 1250, 3))}
+    # the coarse pass on 4 codes x 1,250-point chunks; the levels and fine points of all shapes in 5,000-point
+    # chunks, a code per point (SphereCodes takes no code index)
+    assert recorder.seen == {((4, 1, 2), (1, 1250, 3)), ((5000, 2), (5000, 3))}
 
 
 @pytest.mark.parametrize("value", [0.3, -0.3])
@@ -198,7 +213,7 @@ def test_a_compiled_decoder_compiles_once_per_pass_whatever_the_shapes_and_batch
             ref = decode_grid(lambda p, r=r: np.linalg.norm(p, axis=1) - r, spec)
             np.testing.assert_array_equal(grid.block_mask, ref.block_mask)
             np.testing.assert_allclose(grid.fine_values, ref.fine_values, atol=1e-6)
-    assert counter.frame_count <= 2  # [3 codes x coarse chunk] and [1 code x fine chunk]
+    assert counter.frame_count <= 2  # [3 codes x coarse chunk] and [a code per point x chunk]
     torch._dynamo.reset()
 
 

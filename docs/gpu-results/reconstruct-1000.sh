@@ -24,6 +24,8 @@ IN_FLIGHT=${IN_FLIGHT:-0}        # reconstruct.batches_in_flight values, one rec
 FIDELITY=${FIDELITY:-0}          # >0: that many other held-out shapes reconstructed three times (see below)
 WARMUP=${WARMUP:-0}              # >0: first reconstruct that many other shapes, so that the timed run finds a warm
                                  # compile cache (<storage>/.compile-cache), as every run after a user's first does
+REF=${REF:-}                     # a directory holding another sdf_ray package (e.g. `git archive COMMIT sdf_ray`):
+                                 # after each reconstruction, the same one again with that package (an A/B in one call)
 source "$(dirname "$0")/common.sh"
 
 section "data: 256 training shapes; 1,000 held-out shapes in the background"
@@ -59,22 +61,23 @@ if [ "$WARMUP" -gt 0 ]; then
   echo "exit code ${PIPESTATUS[0]}; command wall time $(since "$t0") s"
 fi
 
-for in_flight in $IN_FLIGHT; do
-section "reconstruct $HELDOUT held-out shapes, compile mode $best_mode, batches_in_flight $in_flight"
+reconstruct_once() {  # $1: batches_in_flight, $2: the name of this run's outputs
+local in_flight=$1 k=$2
+section "reconstruct $HELDOUT held-out shapes, compile mode $best_mode, batches_in_flight $in_flight ($k)"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format=csv,noheader,nounits -lms 1000 \
-  > "$W/smi-$in_flight.csv" 2>/dev/null &
+  > "$W/smi-$k.csv" 2>/dev/null &
 SMI=$!
 t0=$(now)
 # Each console line gets the seconds since the command started (the steady rate below comes from them).
 timeout "$REC_TIMEOUT" $PY -m sdf_ray.cli reconstruct --run "$W/runs/model" --data "$W/held-out" \
-  --out "$W/rec-$in_flight" --set "reconstruct.compile_mode=$best_mode" \
+  --out "$W/rec-$k" --set "reconstruct.compile_mode=$best_mode" \
   --set "reconstruct.batches_in_flight=$in_flight" 2>&1 | grep --line-buffered -v "object store\|socket.cpp" \
-  | while IFS= read -r line; do echo "[$(since "$t0")] $line"; done | tee "$W/rec-$in_flight.log"
+  | while IFS= read -r line; do echo "[$(since "$t0")] $line"; done | tee "$W/rec-$k.log"
 code=${PIPESTATUS[0]}
 kill $SMI 2>/dev/null; wait $SMI 2>/dev/null
 wall=$(since "$t0")
 echo "exit code $code; command wall time $wall s; $($PY -c "import sys; print(f'{float(sys.argv[1]) / int(sys.argv[2]):.4f}')" "$wall" "$HELDOUT") s per shape amortised over $HELDOUT"
-$PY - "$W" "$in_flight" <<'EOF'
+$PY - "$W" "$k" <<'EOF'
 import csv, json, re, statistics, sys
 from pathlib import Path
 w, k = Path(sys.argv[1]), sys.argv[2]
@@ -93,6 +96,25 @@ if rows:
     print(f"nvidia-smi ({len(rows)} samples): GPU utilisation mean {statistics.mean(util):.0f} %, memory used max "
           f"{max(float(r[2]) for r in rows) / 1024:.1f} GiB; per second: " + " ".join(r[1].strip() for r in rows))
 EOF
+}
+for in_flight in $IN_FLIGHT; do
+  reconstruct_once "$in_flight" "$in_flight"
+  # The same reconstruction with the package in $REF: the working directory is there, so the driver and Ray's
+  # workers import it (the held-out data and the model are the same files).
+  if [ -n "$REF" ]; then
+    (cd "$REF" && PYTHONPATH="/tmp/site:$PWD" reconstruct_once "$in_flight" "$in_flight-ref")
+    $PY - "$W/rec-$in_flight" "$W/rec-$in_flight-ref" <<'EOF'
+import csv, statistics, sys
+a, b = ({r["scene"]: r for r in csv.DictReader(open(f"{d}/metrics.csv"))} for d in sys.argv[1:3])
+common = sorted(set(a) & set(b))
+rel = [abs(float(a[k]["chamfer_l2"]) - float(b[k]["chamfer_l2"])) / float(b[k]["chamfer_l2"]) for k in common
+       if a[k]["status"] == b[k]["status"] == "ok"]
+same_status = sum(a[k]["status"] == b[k]["status"] for k in common)
+if rel:
+    print(f"this tree against REF: {len(common)} shapes in both, {same_status} with the same status; chamfer_l2 "
+          f"|relative difference| median {statistics.median(rel):.2e}, max {max(rel):.2e}, identical {sum(r == 0 for r in rel)}")
+EOF
+  fi
 done
 # The code gradient's fidelity: the same shapes and seeds through the hand-written backward and through autograd,
 # against the run-to-run noise (the hand-written one with another reconstruct.seed), per shape, paired.

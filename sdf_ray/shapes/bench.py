@@ -23,7 +23,7 @@ from sdf_ray import config as config_mod
 from sdf_ray.device_settings import resolve_precision
 from sdf_ray.model import DeepSDFDecoder
 from sdf_ray.shapes.config import ReconstructConfig
-from sdf_ray.shapes.decode import decode_shared
+from sdf_ray.shapes.decode import decode_indexed, decode_shared
 from sdf_ray.shapes.meshing import GridSpec, coarse_points, decode_grid, extract_mesh
 from sdf_ray.shapes.reconstruct import SampleBank, freeze, prepare, reconstruct_codes
 from sdf_ray.shapes.samples import ShapeSamples
@@ -92,20 +92,21 @@ def main(argv: list[str] | None = None) -> None:
         assert result.status == "ok"
     points = int(np.mean(counts))
     pad = static_batch > 0
-    fine_chunk = max(1024, cfg.points_per_forward // 4) if pad else cfg.points_per_forward
     all_codes = torch.stack([c.code for c in codes]).to(device)
     coarse_xyz = torch.from_numpy(coarse_points(spec)).to(device)
-    xyz = torch.rand(points - len(coarse_xyz), 3, device=device) * 2 - 1
-    # As the actors decode: the coarse grids of all shapes in shared forwards, then each shape's fine points
-    # (timed on 8 shapes). The first round compiles.
+    # As the actors decode (sdf_ray.shapes.decode): the coarse grids of all shapes in shared forwards, then the
+    # finer points of groups of shapes in shared forwards with a code index (timed on 8 shapes' points). The
+    # first round compiles.
     fine_shapes = min(8, len(all_codes))
+    per_shape = points - len(coarse_xyz)
+    xyz = torch.rand(per_shape * fine_shapes, 3, device=device) * 2 - 1
+    index = torch.arange(fine_shapes, device=device).repeat_interleave(per_shape)
     for _ in range(2):
         t1 = time.perf_counter()
         decode_shared(prepared.decode, all_codes, coarse_xyz, cfg.precision, cfg.points_per_forward, pad)
         _sync(device)
         t2 = time.perf_counter()
-        for code in all_codes[:fine_shapes]:
-            decode_shared(prepared.decode, code[None], xyz, cfg.precision, fine_chunk, pad)
+        decode_indexed(prepared.decode, all_codes, index, xyz, cfg.precision, cfg.points_per_forward, pad)
         _sync(device)
         t3 = time.perf_counter()
     t_coarse = (t2 - t1) / len(all_codes)

@@ -44,102 +44,154 @@ def decode_shared(decoder: nn.Module, codes_BL: torch.Tensor, points_P3: torch.T
     return torch.cat(out, dim=1)
 
 
+def decode_indexed(decoder: nn.Module, codes_BL: torch.Tensor, index_P: torch.Tensor, points_P3: torch.Tensor,
+                   precision: str, points_per_forward: int, pad: bool = False) -> torch.Tensor:
+    """``[P]`` fp32: point p decoded with code ``codes_BL[index_P[p]]``, for the points of many shapes in shared
+    chunks of ``points_per_forward``. sdf-ray's decoders take the index (``code_index``: each input layer's code
+    term computed once per code and gathered per point); any other module gets a code per point.
+
+    ``pad``: the last chunk is padded to a full one (for a compiled decoder: one input shape, one compilation;
+    ``codes_BL`` must then have a fixed number of rows too).
+    """
+    from sdf_ray.model import DeepSDFDecoder
+    from sdf_ray.shapes.frozen_decoder import FrozenDecoder
+
+    indexed = isinstance(getattr(decoder, "_orig_mod", decoder), (DeepSDFDecoder, FrozenDecoder))
+    out = []
+    for start in range(0, points_P3.shape[0], points_per_forward):
+        xyz = points_P3[start:start + points_per_forward]
+        index = index_P[start:start + points_per_forward]
+        n = xyz.shape[0]
+        if pad and n < points_per_forward:
+            xyz = torch.cat([xyz, xyz.new_zeros(points_per_forward - n, 3)])
+            index = torch.cat([index, index.new_zeros(points_per_forward - n)])
+        with decoding_context(decoder, precision, points_P3.device):
+            if indexed:
+                values = decoder(codes_BL, xyz, code_index=index)
+            else:
+                values = decoder(codes_BL[index], xyz)
+        # A CUDA-graphed decoder (compile mode reduce-overhead) overwrites its output on the next call.
+        values = values.float()[:n]
+        out.append(values.clone() if pad else values)
+    if not out:
+        return torch.zeros(0, device=points_P3.device)
+    return torch.cat(out)
+
+
 def _blocks_to_refine(v: torch.Tensor, threshold: float) -> torch.Tensor:
-    """:func:`sdf_ray.shapes.meshing.blocks_to_refine` on the device."""
-    nb = v.shape[0] - 1
-    any_pos = torch.zeros((nb,) * 3, dtype=torch.bool, device=v.device)
+    """:func:`sdf_ray.shapes.meshing.blocks_to_refine` on the device, for ``[B, n, n, n]`` values of B shapes."""
+    nb = v.shape[1] - 1
+    any_pos = torch.zeros((v.shape[0],) + (nb,) * 3, dtype=torch.bool, device=v.device)
     any_neg = torch.zeros_like(any_pos)
     near = torch.zeros_like(any_pos)
     for dx, dy, dz in itertools.product((0, 1), repeat=3):
-        corner = v[dx:dx + nb, dy:dy + nb, dz:dz + nb]
+        corner = v[:, dx:dx + nb, dy:dy + nb, dz:dz + nb]
         any_pos |= corner > 0
         any_neg |= corner <= 0
         near |= ~(corner.abs() > threshold)
     return (any_pos & any_neg) | near
 
 
-def _refine_blocks(spec: GridSpec, coarse_values: torch.Tensor) -> torch.Tensor:
-    """:func:`sdf_ray.shapes.meshing.refine_blocks` on the device."""
+def _refine_blocks(spec: GridSpec, coarse_values_BP: torch.Tensor) -> torch.Tensor:
+    """:func:`sdf_ray.shapes.meshing.refine_blocks` on the device, per shape: ``[B, nb, nb, nb]``."""
     nc = len(spec.coarse_index())
-    return _blocks_to_refine(coarse_values.reshape(nc, nc, nc), spec.margin_abs)
+    return _blocks_to_refine(coarse_values_BP.reshape(-1, nc, nc, nc), spec.margin_abs)
 
 
 def _corner_points(cells: torch.Tensor) -> torch.Tensor:
-    n = cells.shape[0] + 1
-    points = torch.zeros((n,) * 3, dtype=torch.bool, device=cells.device)
+    n = cells.shape[1] + 1
+    points = torch.zeros((cells.shape[0],) + (n,) * 3, dtype=torch.bool, device=cells.device)
     for dx, dy, dz in itertools.product((0, 1), repeat=3):
-        points[dx:dx + n - 1, dy:dy + n - 1, dz:dz + n - 1] |= cells
+        points[:, dx:dx + n - 1, dy:dy + n - 1, dz:dz + n - 1] |= cells
     return points
 
 
-def _level_points(spec: GridSpec, stride: int, mask: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
-    """:func:`sdf_ray.shapes.meshing.level_points` on the device (same C order)."""
+def _level_points(spec: GridSpec, stride: int, mask: torch.Tensor,
+                  axis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sdf_ray.shapes.meshing.level_points` on the device for ``[B, n, n, n]`` masks: (the shape of each
+    point, the points), shape by shape and each shape's in the same C order."""
     a = axis[torch.as_tensor(spec.level_index(stride), device=axis.device)]
-    # contiguous: CUDA's nonzero is column-major, and a compiled decoder specialises on the input's strides
-    # (one recompilation per shape's point count, then the recompile limit and eager fallback: seen on an H200).
-    return a[torch.nonzero(mask)].contiguous()
+    found = torch.nonzero(mask)
+    # contiguous: CUDA's nonzero is column-major, and a compiled decoder specialises on the input's strides.
+    return found[:, 0].contiguous(), a[found[:, 1:]].contiguous()
 
 
 def _take3(blocks: torch.Tensor, index: np.ndarray) -> torch.Tensor:
     i = torch.as_tensor(index, device=blocks.device)
-    return blocks[i][:, i][:, :, i]
+    return blocks[:, i][:, :, i][:, :, :, i]
 
 
-def _plan_levels(spec: GridSpec, coarse_values: torch.Tensor, axis: torch.Tensor,
-                 decode: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """:func:`sdf_ray.shapes.meshing.plan_levels` on the device: (final refined blocks, points decoded)."""
-    blocks = _refine_blocks(spec, coarse_values)
-    decoded = 0
+Decode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(the shape of each point ``[P]``, the points ``[P, 3]``) -> values ``[P]``."""
+
+
+def _plan_levels(spec: GridSpec, coarse_values_BP: torch.Tensor, axis: torch.Tensor,
+                 decode: Decode) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sdf_ray.shapes.meshing.plan_levels` on the device for B shapes at once, each level's points of all
+    shapes in shared decoder calls: (final refined blocks ``[B, nb, nb, nb]``, points decoded per shape ``[B]``)."""
+    blocks = _refine_blocks(spec, coarse_values_BP)
+    decoded = torch.zeros(blocks.shape[0], dtype=torch.int64, device=blocks.device)
     strides = spec.block_strides
     for parent, stride in zip(strides, strides[1:]):
         candidates = _take3(blocks, parent_blocks(spec, stride, parent))
         points = _corner_points(candidates)
-        coords = _level_points(spec, stride, points, axis)
+        shape_index, coords = _level_points(spec, stride, points, axis)
         values = torch.full(points.shape, float("nan"), device=axis.device)
         if len(coords):
-            values[points] = decode(coords)
-        decoded += len(coords)
+            values[points] = decode(shape_index, coords)
+        decoded += points.flatten(1).sum(dim=1)
         blocks = candidates & _blocks_to_refine(values, spec.margin_at(stride))
     return blocks, decoded
 
 
-def _fine_points(spec: GridSpec, block_mask: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
-    """:func:`sdf_ray.shapes.meshing.fine_points` on the device (same C order)."""
+def _fine_points(spec: GridSpec, block_mask: torch.Tensor, axis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sdf_ray.shapes.meshing.fine_points` on the device for ``[B, nb, nb, nb]`` blocks: (the shape of each
+    point, the points), in the order of :func:`_level_points`."""
     cells = _take3(block_mask, cell_blocks(spec))
     return _level_points(spec, 1, _corner_points(cells), axis)
+
+
+GROUP_POINTS = 1 << 28
+"""Grid points (shapes x N^3) planned at once: bounds the boolean masks and value grids of a group (about 2 GB
+at N = 256, 16 shapes)."""
 
 
 @torch.no_grad()
 def decode_sparse_grids(decoder: nn.Module, codes_BL: torch.Tensor, spec: GridSpec, precision: str,
                         points_per_forward: int, static_batch: int = 0) -> list[SparseGrid]:
-    """Coarse grids of all codes in shared forwards, then each shape's refinement levels and its fine points;
-    CPU numpy results.
+    """Coarse grids of all codes in shared forwards, then the refinement levels and the fine points of groups of
+    shapes, each level's points of a group in shared forwards (a few decoder calls and host syncs per level, not
+    per shape); CPU numpy results.
 
-    ``static_batch`` (a compiled decoder): the coarse pass runs on this many codes (the extra ones repeat the
-    first) and every chunk is padded, so the decoder sees two input shapes in all; the per-shape passes go in
-    chunks of a quarter of ``points_per_forward`` to keep the padding of each pass's last chunk small.
+    ``static_batch`` (a compiled decoder): the decoder always sees this many codes (the extra ones repeat the
+    first) and full chunks, so it sees two input shapes in all (the coarse pass, the per-point pass).
     """
     device = codes_BL.device
     B = codes_BL.shape[0]
     pad = static_batch > 0
-    coarse_codes = codes_BL
+    all_codes = codes_BL
     if B < static_batch:
-        coarse_codes = torch.cat([codes_BL, codes_BL[:1].expand(static_batch - B, -1)])
+        all_codes = torch.cat([codes_BL, codes_BL[:1].expand(static_batch - B, -1)])
     coarse_pts = torch.from_numpy(coarse_points(spec)).to(device)
-    coarse = decode_shared(decoder, coarse_codes, coarse_pts, precision, points_per_forward, pad)[:B]
+    coarse = decode_shared(decoder, all_codes, coarse_pts, precision, points_per_forward, pad)[:B]
     if spec.dense:
         empty_blocks = np.zeros((0, 0, 0), dtype=bool)
         return [SparseGrid(spec, c.cpu().numpy(), empty_blocks, np.zeros(0, dtype=np.float32)) for c in coarse]
     axis = torch.from_numpy(spec.axis()).to(device)
-    chunk = max(1024, points_per_forward // 4) if pad else points_per_forward
+    group = max(1, GROUP_POINTS // spec.resolution ** 3)
     grids = []
-    for b in range(B):
-        code = codes_BL[b:b + 1]
+    for g0 in range(0, B, group):
 
-        def decode(points: torch.Tensor, code: torch.Tensor = code) -> torch.Tensor:
-            return decode_shared(decoder, code, points, precision, chunk, pad)[0]
+        def decode(index: torch.Tensor, points: torch.Tensor, g0: int = g0) -> torch.Tensor:
+            return decode_indexed(decoder, all_codes, index + g0, points, precision, points_per_forward, pad)
 
-        blocks, num_mid = _plan_levels(spec, coarse[b], axis, decode)
-        fine = decode(_fine_points(spec, blocks, axis))
-        grids.append(SparseGrid(spec, coarse[b].cpu().numpy(), blocks.cpu().numpy(), fine.cpu().numpy(), num_mid))
+        blocks, num_mid = _plan_levels(spec, coarse[g0:g0 + group], axis, decode)
+        fine_index, fine_pts = _fine_points(spec, blocks, axis)
+        fine = decode(fine_index, fine_pts)
+        counts = torch.bincount(fine_index, minlength=blocks.shape[0]).cpu().numpy()
+        fine_np, blocks_np = fine.cpu().numpy(), blocks.cpu().numpy()
+        coarse_np = coarse[g0:g0 + group].cpu().numpy()
+        starts = np.cumsum(counts) - counts
+        for j, mid in enumerate(num_mid.cpu().tolist()):
+            grids.append(SparseGrid(spec, coarse_np[j], blocks_np[j], fine_np[starts[j]:starts[j] + counts[j]], mid))
     return grids

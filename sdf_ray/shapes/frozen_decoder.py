@@ -79,17 +79,22 @@ class FrozenDecoder(nn.Module):
         t: torch.Tensor = getattr(self, name)
         return t
 
-    def _input_term(self, i: int, latent: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
-        """``W_z z + b`` per code plus ``W_xyz xyz`` per point, in fp32, broadcast like the decoder's inputs."""
+    def _input_term(self, i: int, latent: torch.Tensor, xyz: torch.Tensor,
+                    code_index: torch.Tensor | None) -> torch.Tensor:
+        """``W_z z + b`` per code plus ``W_xyz xyz`` per point, in fp32, broadcast like the decoder's inputs (or
+        the code term gathered per point by ``code_index``)."""
         w_z, a = self._t(f"w_z{i}"), self._t(f"w_xyz_T{i}")
         codes = latent.reshape(-1, self.latent_size).to(self.acc)
         per_code = torch.addmm(self._t(f"bias{i}"), codes, w_z.t()).view(*latent.shape[:-1], w_z.shape[0])
+        if code_index is not None:
+            per_code = per_code[code_index]
         return per_code + point_term(xyz.to(self.acc), a)
 
-    def trace(self, latent: torch.Tensor, xyz: torch.Tensor,
-              keep: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(values in fp32, shaped like the broadcast of ``latent[..., 0]`` and ``xyz[..., 0]``; the hidden
-        activations ``[rows, width]`` that :meth:`code_gradient` needs, if ``keep``)."""
+    def trace(self, latent: torch.Tensor, xyz: torch.Tensor, keep: bool = True,
+              code_index: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(values in fp32, shaped like the broadcast of ``latent[..., 0]`` and ``xyz[..., 0]``, or like
+        ``code_index`` (codes ``[B, L]``, points ``[P, 3]``, point p decoded with code ``code_index[p]``); the
+        hidden activations ``[rows, width]`` that :meth:`code_gradient` needs, if ``keep``)."""
         if latent.shape[-1] != self.latent_size or xyz.shape[-1] != 3:
             raise ValueError(f"expected latent [..., {self.latent_size}] and xyz [..., 3], "
                              f"got {tuple(latent.shape)} and {tuple(xyz.shape)}")
@@ -103,7 +108,7 @@ class FrozenDecoder(nn.Module):
                     # cuBLASLt: GEMM, bias and ReLU in one kernel (the activation written once).
                     h = torch._addmm_activation(self._t(f"bias{i}"), h, self._t(f"w_h{i}").t())
                 else:
-                    pre = self._input_term(i, latent, xyz)
+                    pre = self._input_term(i, latent, xyz, code_index)
                     shape = tuple(pre.shape[:-1])
                     pre = pre.reshape(-1, pre.shape[-1])
                     if h is not None:
@@ -117,8 +122,9 @@ class FrozenDecoder(nn.Module):
                 y = torch.tanh(y)
         return y.view(shape), hs
 
-    def forward(self, latent: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
-        return self.trace(latent, xyz, keep=False)[0]
+    def forward(self, latent: torch.Tensor, xyz: torch.Tensor,
+                code_index: torch.Tensor | None = None) -> torch.Tensor:
+        return self.trace(latent, xyz, keep=False, code_index=code_index)[0]
 
     def output_gradient(self, pred_BS: torch.Tensor, g_out_BS: torch.Tensor) -> torch.Tensor:
         """The gradient at the last linear layer's output from the gradient at the decoder's output."""
