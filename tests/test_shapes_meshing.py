@@ -70,7 +70,7 @@ def test_the_device_plan_of_several_shapes_matches_the_cpu_plan_of_each(stride):
     spec = GridSpec(48, stride, 2.0)
     fns = [SHAPES["torus"], SHAPES["sphere"], SHAPES["synth-4"]]
     coarse = np.stack([fn(coarse_points(spec)).astype(np.float32) for fn in fns])
-    for b, fn in enumerate(fns):
+    for b in range(len(fns)):
         np.testing.assert_array_equal(_refine_blocks(spec, torch.from_numpy(coarse))[b].numpy(),
                                       refine_blocks(spec, coarse[b]))
 

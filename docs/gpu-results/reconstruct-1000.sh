@@ -24,8 +24,8 @@ IN_FLIGHT=${IN_FLIGHT:-0}        # reconstruct.batches_in_flight values, one rec
 FIDELITY=${FIDELITY:-0}          # >0: that many other held-out shapes reconstructed three times (see below)
 WARMUP=${WARMUP:-0}              # >0: first reconstruct that many other shapes, so that the timed run finds a warm
                                  # compile cache (<storage>/.compile-cache), as every run after a user's first does
-REF=${REF:-}                     # a directory holding another sdf_ray package (e.g. `git archive COMMIT sdf_ray`):
-                                 # after each reconstruction, the same one again with that package (an A/B in one call)
+REF=${REF:-}                     # directories holding other trees (`git archive COMMIT sdf_ray tuning cluster`): after
+                                 # each reconstruction, the same one again with each of them (an A/B in one call)
 source "$(dirname "$0")/common.sh"
 
 section "data: 256 training shapes; 1,000 held-out shapes in the background"
@@ -101,9 +101,12 @@ for in_flight in $IN_FLIGHT; do
   reconstruct_once "$in_flight" "$in_flight"
   # The same reconstruction with the package in $REF: the working directory is there, so the driver and Ray's
   # workers import it (the held-out data and the model are the same files).
-  if [ -n "$REF" ]; then
-    (cd "$REF" && PYTHONPATH="/tmp/site:$PWD" reconstruct_once "$in_flight" "$in_flight-ref")
-    $PY - "$W/rec-$in_flight" "$W/rec-$in_flight-ref" <<'EOF'
+  r=0
+  for ref in $REF; do
+    r=$((r + 1))
+    (cd "$ref" && PYTHONPATH="/tmp/site:$PWD" reconstruct_once "$in_flight" "$in_flight-ref$r")
+    echo "REF $r: $ref"
+    $PY - "$W/rec-$in_flight" "$W/rec-$in_flight-ref$r" <<'EOF'
 import csv, statistics, sys
 a, b = ({r["scene"]: r for r in csv.DictReader(open(f"{d}/metrics.csv"))} for d in sys.argv[1:3])
 common = sorted(set(a) & set(b))
@@ -114,7 +117,7 @@ if rel:
     print(f"this tree against REF: {len(common)} shapes in both, {same_status} with the same status; chamfer_l2 "
           f"|relative difference| median {statistics.median(rel):.2e}, max {max(rel):.2e}, identical {sum(r == 0 for r in rel)}")
 EOF
-  fi
+  done
 done
 # The code gradient's fidelity: the same shapes and seeds through the hand-written backward and through autograd,
 # against the run-to-run noise (the hand-written one with another reconstruct.seed), per shape, paired.
