@@ -67,7 +67,7 @@ def main() -> None:
 
     def step(code_gradient: str, compile: bool, mode: str = "default") -> Any:
         c = dataclasses.replace(cfg, code_gradient=code_gradient, compile_mode=mode)
-        return prepare(decoder, c, 0.1, compile=compile).iteration
+        return prepare(decoder, c, 0.1, compile=compile).step
 
     makers = {
         "autograd-compiled": lambda: step("autograd", True),

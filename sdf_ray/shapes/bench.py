@@ -66,14 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     static_batch = args.shapes if args.compile else 0  # as the actors do (sdf_ray.shapes.work)
     warm = dataclasses.replace(cfg, num_iterations=3)
     t0 = time.perf_counter()
-    reconstruct_codes(prepared.iteration, bank, warm, 0.1, 256, static_batch)
+    reconstruct_codes(prepared.step, bank, warm, 0.1, 256, static_batch)
     _sync(device)
     print(f"warm-up (3 iterations{', compiling' if args.compile else ''}): {time.perf_counter() - t0:.1f} s")
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    codes = reconstruct_codes(prepared.iteration, bank, cfg, 0.1, 256, static_batch)
+    codes = reconstruct_codes(prepared.step, bank, cfg, 0.1, 256, static_batch)
     _sync(device)
     t_opt = time.perf_counter() - t0
     print(f"optimise: {args.shapes} shapes x {args.iterations} it x {args.samples} samples ({args.precision}, {args.code_gradient}{f', compiled {args.compile_mode}' if args.compile else ''}) "

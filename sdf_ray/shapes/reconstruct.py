@@ -149,41 +149,16 @@ def draw_samples(bank: SampleBank, rows_B: torch.Tensor, keys_B: torch.Tensor, i
                  num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(xyz ``[B, S, 3]``, sdf ``[B, S]``) for the shapes ``rows_B`` of ``bank``: S/2 rows with sdf > 0 then
     S/2 with sdf <= 0, uniformly with replacement, a pure function of (key, iteration, sample index)."""
-    return draw(BatchSamples.of(bank, rows_B, keys_B), iteration_key(iteration), num_samples)
-
-
-def iteration_key(iteration: int) -> int:
-    """What :func:`draw` adds to each shape's key at ``iteration``."""
-    return mix_seed(iteration, _TAG_SAMPLES)
-
-
-@dataclass
-class BatchSamples:
-    """The sample rows of one attempt's shapes, on the device: what :func:`draw` reads every iteration."""
-
-    samples_M4: torch.Tensor
-    pos_offset_B: torch.Tensor
-    pos_count_B: torch.Tensor
-    neg_offset_B: torch.Tensor
-    neg_count_B: torch.Tensor
-    keys_B: torch.Tensor
-
-    @staticmethod
-    def of(bank: SampleBank, rows_B: torch.Tensor, keys_B: torch.Tensor) -> BatchSamples:
-        return BatchSamples(bank.samples_M4, bank.pos_offset_B[rows_B], bank.pos_count_B[rows_B],
-                            bank.neg_offset_B[rows_B], bank.neg_count_B[rows_B], keys_B)
-
-
-def draw(batch: BatchSamples, key: int | torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`draw_samples` from an attempt's :class:`BatchSamples` and the :func:`iteration_key` (an int, or a
-    0-dim int64 tensor inside a compiled iteration)."""
     half = num_samples // 2
-    counter = torch.arange(num_samples, dtype=torch.int64, device=batch.keys_B.device)
-    base = _splitmix64(batch.keys_B + key)  # [B]
+    device = bank.samples_M4.device
+    counter = torch.arange(num_samples, dtype=torch.int64, device=device)
+    base = _splitmix64(keys_B + mix_seed(iteration, _TAG_SAMPLES))  # [B]
     h = _splitmix64(base[:, None] + counter[None, :]) & _MASK63  # [B, S], non-negative
-    pos_rows = torch.remainder(h[:, :half], batch.pos_count_B[:, None]) + batch.pos_offset_B[:, None]
-    neg_rows = torch.remainder(h[:, half:], batch.neg_count_B[:, None]) + batch.neg_offset_B[:, None]
-    picked = batch.samples_M4[torch.cat([pos_rows, neg_rows], dim=1)]  # [B, S, 4]
+    pos_count = bank.pos_count_B[rows_B][:, None]
+    neg_count = bank.neg_count_B[rows_B][:, None]
+    pos_rows = torch.remainder(h[:, :half], pos_count) + bank.pos_offset_B[rows_B][:, None]
+    neg_rows = torch.remainder(h[:, half:], neg_count) + bank.neg_offset_B[rows_B][:, None]
+    picked = bank.samples_M4[torch.cat([pos_rows, neg_rows], dim=1)]  # [B, S, 4]
     return picked[..., :3], picked[..., 3]
 
 
@@ -222,90 +197,19 @@ def code_step(model: nn.Module | CodeStep, cfg: ReconstructConfig, clamp_dist: f
 
 
 @dataclass
-class AdamState:
-    """One attempt's codes, Adam moments and per-shape bookkeeping, on the device."""
-
-    z: torch.Tensor
-    m: torch.Tensor
-    v: torch.Tensor
-    active: torch.Tensor
-    """Shapes still stepping (a non-finite loss or gradient freezes a row)."""
-    bad_iteration: torch.Tensor
-    """The iteration a shape froze at (-1: never)."""
-    bad_kind: torch.Tensor
-    """1: its loss, 2: its gradient was non-finite."""
-    last_loss: torch.Tensor
-    """The loss of each shape's last finite iteration."""
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.z, self.m, self.v, self.active, self.bad_iteration, self.bad_kind, self.last_loss)
-
-
-def adam_iteration(step: CodeStep, cfg: ReconstructConfig) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """One iteration as a function of tensors alone (what :func:`prepare` compiles into one graph): draw the
-    samples, ``step``, and the masked Adam update.
-
-    ``(state tensors of AdamState, batch tensors of BatchSamples, iteration key, iteration, step size, Adam's
-    second-moment correction) -> state tensors``; the scalars are 0-dim tensors, so a compiled iteration serves
-    every iteration without recompiling.
-    """
-    b1, b2 = cfg.betas
-    eps, num_samples = cfg.eps, cfg.samples_per_iteration
-
-    def iteration(z: torch.Tensor, m: torch.Tensor, v: torch.Tensor, active: torch.Tensor,
-                  bad_iteration: torch.Tensor, bad_kind: torch.Tensor, last_loss: torch.Tensor,
-                  samples_M4: torch.Tensor, pos_offset_B: torch.Tensor, pos_count_B: torch.Tensor,
-                  neg_offset_B: torch.Tensor, neg_count_B: torch.Tensor, keys_B: torch.Tensor,
-                  key: torch.Tensor, e: torch.Tensor, step_size: torch.Tensor,
-                  correction2: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        batch = BatchSamples(samples_M4, pos_offset_B, pos_count_B, neg_offset_B, neg_count_B, keys_B)
-        xyz, sdf = draw(batch, key, num_samples)
-        loss, grad = step(z, xyz, sdf)
-        loss_ok = torch.isfinite(loss)
-        ok = loss_ok & torch.isfinite(grad).all(dim=1)
-        newly_bad = active & ~ok
-        bad_iteration = torch.where(newly_bad, e, bad_iteration)
-        bad_kind = torch.where(newly_bad, torch.where(loss_ok, 2, 1), bad_kind)
-        active = active & ok
-        last_loss = torch.where(active, loss.detach(), last_loss)
-        # torch.optim.Adam's arithmetic, with the step count shared by all rows of one attempt.
-        keep = active[:, None]
-        g = torch.where(keep, grad, 0.0)
-        m = torch.where(keep, m * b1 + g * (1 - b1), m)
-        v = torch.where(keep, v * b2 + g * g * (1 - b2), v)
-        denom = v.sqrt() / correction2 + eps
-        z = torch.where(keep, z - step_size * m / denom, z)
-        return z, m, v, active, bad_iteration, bad_kind, last_loss
-
-    return iteration
-
-
-@dataclass
 class Prepared:
     """What an optimiser works through: ``model`` (the module that decodes: a :class:`FrozenDecoder` or the
-    decoder itself, per ``cfg.code_gradient``), ``decode`` (the same, compiled when asked), ``step`` (the loss and
-    code gradient of one iteration, compiled when asked) and ``iteration`` (:func:`adam_iteration` around the
-    step: with the hand-written gradient, compiled whole)."""
+    decoder itself, per ``cfg.code_gradient``), ``decode`` (the same, compiled when asked) and ``step`` (one
+    iteration, compiled when asked)."""
 
     model: nn.Module
     decode: nn.Module
     step: CodeStep
-    iteration: Iteration
-
-
-@dataclass
-class Iteration:
-    """A callable :func:`adam_iteration` (maybe compiled), for :func:`reconstruct_codes`."""
-
-    fn: Callable[..., tuple[torch.Tensor, ...]]
-    compiled: bool = False
-    """Its samples tensor is marked dynamic along its rows (each batch's bank has its own size)."""
 
 
 def prepare(decoder: nn.Module, cfg: ReconstructConfig, clamp_dist: float, compile: bool) -> Prepared:
-    """The decoding module, the step and the iteration for a frozen decoder (:func:`freeze`), compiled with
-    ``cfg.compile_mode`` if ``compile`` (static shapes, but for the sample bank's rows: the callers pad batches and
-    chunks)."""
+    """The decoding module and the iteration step for a frozen decoder (:func:`freeze`), compiled with
+    ``cfg.compile_mode`` if ``compile`` (static shapes: the callers pad batches and chunks)."""
     from sdf_ray.model import DeepSDFDecoder
     from sdf_ray.shapes.frozen_decoder import FrozenDecoder, compute_dtype
 
@@ -313,21 +217,16 @@ def prepare(decoder: nn.Module, cfg: ReconstructConfig, clamp_dist: float, compi
     if cfg.code_gradient == "hand-written" and isinstance(decoder, DeepSDFDecoder):
         model = FrozenDecoder(decoder, compute_dtype(cfg.precision, decoder))
     if not compile:
-        step = code_step(model, cfg, clamp_dist)
-        return Prepared(model, model, step, Iteration(adam_iteration(step, cfg)))
+        return Prepared(model, model, code_step(model, cfg, clamp_dist))
     from sdf_ray.device_settings import compile_module
 
     decode = compile_module(model, cfg.compile_mode, dynamic=False)
-    if isinstance(model, FrozenDecoder):
-        # The whole iteration in one graph: sampling, forward, written-out backward and Adam.
-        step = code_step(model, cfg, clamp_dist)
-        iteration = compile_module(adam_iteration(step, cfg), cfg.compile_mode, dynamic=False)
-        return Prepared(model, decode, compile_module(step, cfg.compile_mode, dynamic=False),
-                        Iteration(iteration, compiled=True))
+    if isinstance(model, FrozenDecoder):  # the whole iteration in one graph: forward and written-out backward
+        return Prepared(model, decode, compile_module(code_step(model, cfg, clamp_dist), cfg.compile_mode,
+                                                      dynamic=False))
     # Autograd through the compiled module: dynamo breaks the graph at torch.autograd.grad, so a compiled step
     # function would run the backward outside the compiled graph.
-    step = code_step(decode, cfg, clamp_dist)
-    return Prepared(model, decode, step, Iteration(adam_iteration(step, cfg)))
+    return Prepared(model, decode, code_step(decode, cfg, clamp_dist))
 
 
 @dataclass
@@ -357,8 +256,8 @@ class _Attempt:
     loss_B: torch.Tensor
 
 
-def _optimise(model: nn.Module | CodeStep | Iteration, bank: SampleBank, rows: list[int], keys: list[int],
-              cfg: ReconstructConfig, clamp_dist: float, latent_size: int, pad_to: int = 0) -> _Attempt:
+def _optimise(model: nn.Module | CodeStep, bank: SampleBank, rows: list[int], keys: list[int], cfg: ReconstructConfig,
+              clamp_dist: float, latent_size: int, pad_to: int = 0) -> _Attempt:
     """One attempt for the shapes ``rows`` of ``bank``: ``cfg.num_iterations`` masked Adam steps, no host sync.
 
     ``pad_to``: optimise at least this many rows, the extra ones repeating the first shape (a compiled decoder
@@ -375,42 +274,46 @@ def _optimise(model: nn.Module | CodeStep | Iteration, bank: SampleBank, rows: l
                     out.loss_B[:real])
 
 
-def _optimise_rows(model: nn.Module | CodeStep | Iteration, bank: SampleBank, rows: list[int], keys: list[int],
-                   cfg: ReconstructConfig, clamp_dist: float, latent_size: int) -> _Attempt:
+def _optimise_rows(model: nn.Module | CodeStep, bank: SampleBank, rows: list[int], keys: list[int], cfg: ReconstructConfig,
+                   clamp_dist: float, latent_size: int) -> _Attempt:
     device = bank.samples_M4.device
     B = len(rows)
     rows_B = torch.tensor(rows, dtype=torch.int64, device=device)
     keys_B = torch.tensor(keys, dtype=torch.int64, device=device)
     z = init_codes(keys, latent_size, cfg.init_std).to(device)
-    state = AdamState(z, torch.zeros_like(z), torch.zeros_like(z), torch.ones(B, dtype=torch.bool, device=device),
-                      torch.full((B,), -1, dtype=torch.int64, device=device),
-                      torch.zeros(B, dtype=torch.int64, device=device),
-                      torch.full((B,), float("nan"), device=device))
-    iteration = model if isinstance(model, Iteration) else Iteration(adam_iteration(code_step(model, cfg, clamp_dist),
-                                                                                    cfg))
-    batch = BatchSamples.of(bank, rows_B, keys_B)
-    if iteration.compiled:
-        torch._dynamo.mark_dynamic(batch.samples_M4, 0)  # one graph whatever the bank's size
-    # Every iteration's scalars, made once: iteration e passes views (no host-to-device copy per iteration).
-    E = cfg.num_iterations
+    m = torch.zeros_like(z)
+    v = torch.zeros_like(z)
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    bad_iteration = torch.full((B,), -1, dtype=torch.int64, device=device)
+    bad_kind = torch.zeros(B, dtype=torch.int64, device=device)  # 1: loss, 2: gradient
+    last_loss = torch.full((B,), float("nan"), device=device)
     b1, b2 = cfg.betas
-    steps = range(1, E + 1)
-    keys_E = torch.tensor([iteration_key(e) for e in range(E)], dtype=torch.int64, device=device)
-    e_E = torch.arange(E, dtype=torch.int64, device=device)
-    step_size_E = torch.tensor([lr_at(cfg, t - 1) / (1 - b1 ** t) for t in steps], device=device)
-    correction2_E = torch.tensor([(1 - b2 ** t) ** 0.5 for t in steps], device=device)
-    tensors = state.tensors()
-    batch_tensors = (batch.samples_M4, batch.pos_offset_B, batch.pos_count_B, batch.neg_offset_B,
-                     batch.neg_count_B, batch.keys_B)
-    for e in range(E):
+    step = code_step(model, cfg, clamp_dist)
+    for e in range(cfg.num_iterations):
+        xyz, sdf = draw_samples(bank, rows_B, keys_B, e, cfg.samples_per_iteration)
         # TF32 is a process-wide GEMM switch: set around the step (a compiled one too), not traced inside it.
         with precision_context(cfg.precision, device) if cfg.precision == "tf32" else contextlib.nullcontext():
-            tensors = iteration.fn(*tensors, *batch_tensors, keys_E[e], e_E[e], step_size_E[e], correction2_E[e])
-    z, _, _, active, bad_iteration, bad_kind, last_loss = tensors
+            loss, grad = step(z, xyz, sdf)
+        loss_ok = torch.isfinite(loss)
+        ok = loss_ok & torch.isfinite(grad).all(dim=1)
+        newly_bad = active & ~ok
+        bad_iteration = torch.where(newly_bad, e, bad_iteration)
+        bad_kind = torch.where(newly_bad, torch.where(loss_ok, 2, 1), bad_kind)
+        active = active & ok
+        last_loss = torch.where(active, loss.detach(), last_loss)
+        # torch.optim.Adam's arithmetic, with the step count shared by all rows of one attempt.
+        t = e + 1
+        keep = active[:, None]
+        g = torch.where(keep, grad, 0.0)
+        m = torch.where(keep, m * b1 + g * (1 - b1), m)
+        v = torch.where(keep, v * b2 + g * g * (1 - b2), v)
+        step_size = lr_at(cfg, e) / (1 - b1 ** t)
+        denom = v.sqrt() / (1 - b2 ** t) ** 0.5 + cfg.eps
+        z = torch.where(keep, z - step_size * m / denom, z)
     return _Attempt(z.detach(), active, bad_iteration, bad_kind, last_loss)
 
 
-def reconstruct_codes(model: nn.Module | CodeStep | Iteration, bank: SampleBank, cfg: ReconstructConfig, clamp_dist: float,
+def reconstruct_codes(model: nn.Module | CodeStep, bank: SampleBank, cfg: ReconstructConfig, clamp_dist: float,
                       latent_size: int, pad_to: int = 0) -> list[ShapeCode]:
     """Optimise a code for every shape of ``bank`` through ``model`` (see :func:`code_step`; a decoder module must
     be frozen: :func:`freeze`).

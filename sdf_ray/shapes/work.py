@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -70,12 +70,10 @@ class ShapeWorker:
     """The device side: one per GPU (or CPU worker). ``run`` processes a batch of scenes.
 
     ``run`` may be called from several threads at once (``reconstruct.batches_in_flight``): each thread works on
-    a CUDA stream of its own, so its host syncs wait for its own kernels only. A batch's device work (its
-    optimisation, then its ``sdf_l1`` and grid decoding) runs under a lock: batches take turns on the device,
-    while the other threads read their samples, hand their results to Ray and wait. Decoding plans a batch's
-    levels with a few host syncs per level (``sdf_ray.shapes.decode``), so the device idles little under the
-    lock; concurrent with another batch's optimisation, it slowed that optimisation by more than its own device
-    time (docs/performance.md, session 11). The first batch runs alone.
+    CUDA streams of its own, so its host syncs (decoding plans, transfers) wait for its own kernels only, and
+    the optimisations take turns under a lock (two at once would only split the GPU between them, and the
+    second batch's results would come later); a thread decodes on a high-priority stream, so that its decoding
+    is not queued behind the other thread's optimisation. The first batch runs alone.
     """
 
     def __init__(self, decoder_payload: dict[str, Any], job: Job, device: str) -> None:
@@ -134,6 +132,29 @@ class ShapeWorker:
             return contextlib.nullcontext()
         return torch.cuda.stream(self._thread_stream("stream"))
 
+    @contextlib.contextmanager
+    def _measure_stream(self) -> Iterator[None]:
+        """This thread's stream for ``sdf_l1`` and decoding, at the highest priority, after the work queued so far
+        on the current one; the current one waits for it afterwards (tensors of the batch go back to its pool).
+
+        Decoding syncs with the host a few times per shape, and at the default priority each sync waited behind
+        the other thread's queue of optimisation GEMMs; at a higher priority its kernels take SMs as blocks free
+        up (measured on an H200: docs/performance.md, session 8). Nothing on CPUs.
+        """
+        import torch
+
+        if self.device.type != "cuda":
+            yield
+            return
+        stream = self._thread_stream("measure_stream", priority=-100)  # clamped to the highest
+        current = torch.cuda.current_stream(self.device)
+        stream.wait_stream(current)
+        try:
+            with torch.cuda.stream(stream):
+                yield
+        finally:
+            current.wait_stream(stream)
+
     def run(self, scene_ids: Sequence[int], codes_BL: np.ndarray | None = None) -> list[ShapeOutput]:
         """Optimise (``reconstruct``) or take ``codes_BL`` (``mesh``), then measure and decode every shape."""
         with self._stream():
@@ -161,29 +182,30 @@ class ShapeWorker:
         t_load = time.perf_counter() - t0
         self.marks.setdefault("first_batch_loaded", time.time())
         outs: list[ShapeOutput] = []
-        optimised = 0.0
-        t_wait = time.perf_counter()
-        with self._optimising:
-            t_start = time.perf_counter()
-            waited = t_start - t_wait
-            if job.mode == "reconstruct":
-                assert bank is not None and shapes is not None
-                found = reconstruct_codes(self.prepared.iteration, bank, cfg, job.clamp_dist, job.latent_size,
+        waited = optimised = 0.0
+        if job.mode == "reconstruct":
+            assert bank is not None and shapes is not None
+            t_wait = time.perf_counter()
+            with self._optimising:
+                t_start = time.perf_counter()
+                waited = t_start - t_wait
+                found = reconstruct_codes(self.prepared.step, bank, cfg, job.clamp_dist, job.latent_size,
                                           self.static_batch)
                 optimised = time.perf_counter() - t_start
-                self.marks.setdefault("first_batch_optimised", time.time())
-                for r, s in zip(found, shapes):
-                    outs.append(ShapeOutput(r.scene_id, r.status, r.reason, r.code.numpy(), r.loss, r.iterations,
-                                            r.attempts, dropped_nan_samples=s.dropped_nan_rows))
-            else:
-                assert codes_BL is not None
-                for j, sid in enumerate(scene_ids):
-                    outs.append(ShapeOutput(sid, "ok", "", np.asarray(codes_BL[j], dtype=np.float32),
-                                            dropped_nan_samples=shapes[j].dropped_nan_rows if shapes else 0))
-            good = [j for j, o in enumerate(outs) if o.status == "ok"]
-            if good:
+            self.marks.setdefault("first_batch_optimised", time.time())
+            for r, s in zip(found, shapes):
+                outs.append(ShapeOutput(r.scene_id, r.status, r.reason, r.code.numpy(), r.loss, r.iterations,
+                                        r.attempts, dropped_nan_samples=s.dropped_nan_rows))
+        else:
+            assert codes_BL is not None
+            for j, sid in enumerate(scene_ids):
+                outs.append(ShapeOutput(sid, "ok", "", np.asarray(codes_BL[j], dtype=np.float32),
+                                        dropped_nan_samples=shapes[j].dropped_nan_rows if shapes else 0))
+        good = [j for j, o in enumerate(outs) if o.status == "ok"]
+        if good:
+            with self._measure_stream():
                 self._measure(outs, good, bank, shapes)
-                self.marks.setdefault("first_batch_decoded", time.time())
+            self.marks.setdefault("first_batch_decoded", time.time())
         for o in outs:
             o.stages.update(load=t_load / len(outs), wait=waited / len(outs), optimise=optimised / len(outs))
         return outs
