@@ -181,3 +181,34 @@ def test_hand_written_code_gradient_matches_autograd_on_cuda():
     torch.testing.assert_close(compiled[0], eager[0], rtol=2e-2, atol=1e-3)
     cos = torch.nn.functional.cosine_similarity(compiled[1], want, dim=1)
     assert (cos > 0.98).all(), cos
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_grids_of_a_batch_equal_each_shape_decoded_alone_on_cuda(tmp_path_factory, compile_):
+    """Grid decoding plans and decodes a batch's shapes together (shared decoder calls, a code index): on the GPU,
+    in bf16, each shape's grid equals the one decoded for that shape alone (padded calls, as the actors make them:
+    the same GEMM shapes either way)."""
+    import dataclasses
+
+    import numpy as np
+
+    from sdf_ray.shapes.config import ReconstructConfig
+    from sdf_ray.shapes.decode import decode_sparse_grids
+    from sdf_ray.shapes.meshing import GridSpec
+    from sdf_ray.shapes.reconstruct import freeze, prepare
+    from sdf_ray.shapes.trained_run import build_decoder, load_trained_run
+    from tests.test_shapes_helpers import build_shapes_data
+
+    run = load_trained_run(build_shapes_data(tmp_path_factory).run)
+    cfg = dataclasses.replace(ReconstructConfig(), precision="bf16")
+    prepared = prepare(freeze(build_decoder(run.decoder_payload(), CUDA)), cfg, 0.1, compile=compile_)
+    codes = run.latents_NL[:3].to(CUDA)
+    spec = GridSpec(64, 8, 2.0)
+    static = 3
+    together = decode_sparse_grids(prepared.decode, codes, spec, "bf16", 4096, static)
+    for b, grid in enumerate(together):
+        alone = decode_sparse_grids(prepared.decode, codes[b:b + 1], spec, "bf16", 4096, static)[0]
+        np.testing.assert_array_equal(grid.block_mask, alone.block_mask)
+        np.testing.assert_array_equal(grid.coarse_values, alone.coarse_values)
+        np.testing.assert_allclose(grid.fine_values, alone.fine_values, rtol=0, atol=1e-6)
+        assert grid.num_mid == alone.num_mid and 0 < grid.fine_values.size < 64 ** 3

@@ -155,6 +155,9 @@ def test_finish_writes_meshes_in_both_frames_metrics_and_the_record_last(worked)
                                    rtol=1e-6, atol=1e-6)
         assert read_result(out, scene.name) == json.loads(json.dumps(row))
         assert len(row["code"]) == 8
+        n = job.cfg.mesh_resolution
+        assert row["grid_points"] == o.grid.num_decoded and 0 < row["grid_points"] < n ** 3
+        assert row["grid_fraction"] == pytest.approx(row["grid_points"] / n ** 3)
 
 
 def test_evaluate_unit_reproduces_the_metrics_of_its_own_meshes(worked):
@@ -302,6 +305,18 @@ def test_summary_adds_up_where_the_time_went():
     assert s["stages"]["mesh"] == {"per_shape_s": pytest.approx(0.25), "total_s": pytest.approx(0.5)}
     line = next(x for x in summary_lines(s) if "seconds per shape" in x)
     assert "optimise 0.150" in line and "metrics 0.150" in line
+    assert "grid_points" not in s and not any("grid:" in x for x in summary_lines(s))
+
+
+def test_summary_says_how_much_of_the_grid_was_decoded():
+    from sdf_ray.shapes.outputs import summary_lines
+
+    rows = [{"scene": "a", "status": "ok", "grid_points": 3_000_000, "grid_fraction": 0.2},
+            {"scene": "b", "status": "empty", "grid_points": 1_000_000, "grid_fraction": 0.1},
+            {"scene": "c", "status": "failed", "reason": "lost with its actor"}]  # never decoded: left out
+    s = summarise(rows, seconds=1.0, shapes_this_run=3)
+    assert s["grid_points"] == {"mean": 2e6, "fraction_of_dense": pytest.approx(0.15), "count": 2}
+    assert "  grid: 2.00 M points decoded per shape, 15.0% of the dense grid" in "\n".join(summary_lines(s))
 
 
 def test_job_record_resumes_same_job_and_refuses_another(tmp_path):

@@ -194,6 +194,11 @@ def summarise(rows: Sequence[dict[str, Any]], *, seconds: float, shapes_this_run
         "seconds": seconds,
         "shapes_per_s": shapes_this_run / seconds if seconds > 0 else None,
     }
+    decoded = [r for r in rows if _finite(r.get("grid_points")) and _finite(r.get("grid_fraction"))]
+    if decoded:
+        summary["grid_points"] = {"mean": statistics.fmean(float(r["grid_points"]) for r in decoded),
+                                  "fraction_of_dense": statistics.fmean(float(r["grid_fraction"]) for r in decoded),
+                                  "count": len(decoded)}
     stages = [r["stages"] for r in rows if isinstance(r.get("stages"), dict)]
     if stages:
         summary["stages"] = {name: {"per_shape_s": statistics.fmean(float(s.get(name, 0.0)) for s in stages),
@@ -227,6 +232,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(f"  sdf_l1: mean {m['sdf_l1']['mean']:.5f}  median {m['sdf_l1']['median']:.5f}")
     if summary.get("dropped_nan_samples"):
         lines.append(f"  dropped {summary['dropped_nan_samples']:,} samples holding NaN")
+    if summary.get("grid_points"):
+        g = summary["grid_points"]
+        lines.append(f"  grid: {g['mean'] / 1e6:.2f} M points decoded per shape, {g['fraction_of_dense']:.1%} of the "
+                     f"dense grid (reconstruct.mesh_coarse_stride, mesh_refine_margin)")
     if summary.get("stages"):
         per = {name: v["per_shape_s"] for name, v in summary["stages"].items()}
         device = "  ".join(f"{name} {per[name]:.3f}" for name in STAGES[:4])

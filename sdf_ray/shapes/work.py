@@ -271,6 +271,9 @@ def finish_shape(out: ShapeOutput, job: Job, scene: SceneInfo) -> dict[str, Any]
     common: dict[str, Any] = {"iterations": out.iterations, "attempts": out.attempts, "loss": out.loss, "sdf_l1": out.sdf_l1,
               "dropped_nan_samples": out.dropped_nan_samples, "code": [float(v) for v in out.code]}
     stages = dict(out.stages)
+    if out.grid is not None:  # what decoding cost: the grid points evaluated, and their share of the dense grid
+        common.update(grid_points=out.grid.num_decoded,
+                      grid_fraction=out.grid.num_decoded / out.grid.spec.resolution ** 3)
     if out.status != "ok" or out.grid is None:
         row = _row(scene, "failed", out.reason or "no grid was decoded", **common)
     else:
