@@ -319,15 +319,15 @@ def fit(cfg: TrainConfig, *, callbacks: list[Any] | None = None, startup: Startu
     return summary
 
 
-def unused_prestart_warning(summary: dict[str, Any], runner: str = "Ray Train") -> str | None:
-    """A line when processes were prestarted for the run (``startup_prestart_requested``) and ``runner`` did not use
+def unused_prestart_warning(summary: dict[str, Any]) -> str | None:
+    """A line when processes were prestarted for the run (``startup_prestart_requested``) and Ray Train did not use
     them: they idled beside it (a Ray whose runtime envs no longer hash as ``ray_session`` computes them)."""
     from sdf_ray.ray_session import PRESTART_ENV
 
     unused = [who for who, used in (summary.get("startup_prestarted") or {}).items() if not used]
     if not summary.get("startup_prestart_requested") or not unused:
         return None
-    return (f"{runner} did not use the processes prestarted ({', '.join(unused)}): they idled beside the run; "
+    return (f"Ray Train did not use the processes prestarted for it ({', '.join(unused)}): they idled beside the run; "
             f"{PRESTART_ENV}=0 turns prestarting off")
 
 

@@ -374,24 +374,12 @@ def train_backend_config(backend: str) -> Any:
 # Delete when: an actor-level runtime env takes ``worker_process_setup_hook``. Check: the hook still runs in a
 # Train worker (tests/test_startup.py's healthy run, ``startup_worker_imports_preloaded``).
 WORKER_SETUP_HOOKS = {True: "sdf_ray.startup.start_worker_imports", False: "sdf_ray.startup.start_worker_imports_eager"}
-SHAPE_WORKER_SETUP_HOOKS = {True: "sdf_ray.startup.start_shape_worker_imports",
-                            False: "sdf_ray.startup.start_shape_worker_imports_eager"}
 
 
 def train_worker_runtime_env(compiles: bool) -> dict[str, Any]:
     """The runtime env of sdf-ray's Ray Train workers: they start importing torch (and the compiler if the run
     ``compiles``) as soon as their process starts (:func:`sdf_ray.startup.start_worker_imports`), unless the job
     has a setup hook of its own."""
-    return _setup_hook_runtime_env(WORKER_SETUP_HOOKS[compiles])
-
-
-def shape_actor_runtime_env(compiles: bool) -> dict[str, Any]:
-    """:func:`train_worker_runtime_env` for the optimiser actors of ``sdf-ray reconstruct`` and ``mesh``
-    (:func:`sdf_ray.startup.start_shape_worker_imports`)."""
-    return _setup_hook_runtime_env(SHAPE_WORKER_SETUP_HOOKS[compiles])
-
-
-def _setup_hook_runtime_env(hook: str) -> dict[str, Any]:
     import ray
     from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
@@ -399,7 +387,7 @@ def _setup_hook_runtime_env(hook: str) -> dict[str, Any]:
     job_env = ((ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}).get("env_vars") or {}
     if WORKER_PROCESS_SETUP_HOOK_ENV_VAR in job_env or os.environ.get(WORKER_PROCESS_SETUP_HOOK_ENV_VAR):
         return {}
-    return {"env_vars": {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: hook}}
+    return {"env_vars": {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: WORKER_SETUP_HOOKS[compiles]}}
 
 
 # Workaround: Ray Train starts a run's processes one after another. fit() creates the controller actor, whose
@@ -494,18 +482,6 @@ def train_process_runtime_envs(job_env: str, worker_runtime_env: dict[str, Any],
 def prestart_train_processes(num_workers: int, worker_runtime_env: dict[str, Any]) -> bool:
     """Have the embedded Ray start Ray Train's controller process and ``num_workers`` worker processes now (see the
     workaround above); False when it did not ask (then Ray starts them when the run needs them, as before)."""
-    return _prestart(lambda job_env: list(zip(train_process_runtime_envs(job_env, worker_runtime_env,
-                                                                         dict(os.environ)), (1, num_workers))))
-
-
-def prestart_actor_processes(count: int, actor_runtime_env: dict[str, Any]) -> bool:
-    """The same for ``count`` actors that this driver creates with ``runtime_env=actor_runtime_env`` (the optimiser
-    actors of ``sdf-ray reconstruct`` and ``mesh``)."""
-    return _prestart(lambda job_env: [(child_runtime_env(job_env, actor_runtime_env), count)])
-
-
-def _prestart(requests: Callable[[str], list[tuple[str, int]]]) -> bool:
-    """Ask the raylet for processes: ``requests(job's serialized runtime env)`` -> (serialized runtime env, count)."""
     import ray
 
     if os.environ.get(PRESTART_ENV, "1") == "0":
@@ -518,16 +494,17 @@ def _prestart(requests: Callable[[str], list[tuple[str, int]]]) -> bool:
         messages: Any = (common_pb2, node_manager_pb2, runtime_environment_pb2)  # generated, without type stubs
         common, node_manager, runtime_environment = messages
         job_env = worker.core_worker.get_current_runtime_env() or "{}"
+        controller, workers = train_process_runtime_envs(job_env, worker_runtime_env, dict(os.environ))
         with init_grpc_channel(f"{worker.node.node_ip_address}:{worker.node.node_manager_port}") as channel:
             stub = node_manager_pb2_grpc.NodeManagerServiceStub(channel)
-            for serialized, count in requests(job_env):
+            for serialized, count in ((controller, 1), (workers, num_workers)):
                 stub.PrestartWorkers(node_manager.PrestartWorkersRequest(
                     language=common.PYTHON, job_id=worker.current_job_id.binary(),
                     runtime_env_info=runtime_environment.RuntimeEnvInfo(serialized_runtime_env=serialized),
                     keep_alive_duration_secs=PRESTART_KEEP_ALIVE_S, num_workers=count), timeout=2)
         return True
     except Exception as exc:  # an upgraded Ray may have moved any of this: the run then starts as before
-        log.debug("cannot prestart processes: %s", first_line(exc))
+        log.debug("cannot prestart Ray Train's processes: %s", first_line(exc))
         return False
 
 

@@ -260,9 +260,6 @@ importing Ray, so that the thread never waits on the main thread's imports of Ra
 COMPILER_IMPORTS = ("torch._inductor.compile_fx",)
 """What a compiling worker imports next (0.8 s on the 2-core CI machine), for runs that compile."""
 
-SHAPE_WORKER_IMPORTS = ("torch", "torch._dynamo", "sdf_ray.shapes.frozen_decoder", "sdf_ray.shapes.decode")
-"""What an optimiser actor of ``sdf-ray reconstruct`` / ``mesh`` imports before its first batch (none importing Ray)."""
-
 _WORKER_IMPORTS: list[BackgroundImports] = []
 _ENV_BEFORE_IMPORTS: dict[str, str] = {}
 
@@ -281,17 +278,6 @@ def start_worker_imports() -> None:
 def start_worker_imports_eager() -> None:
     """:func:`start_worker_imports` for runs that do not compile: the compiler's modules are left out."""
     _start_worker_imports(WORKER_IMPORTS)
-
-
-def start_shape_worker_imports() -> None:
-    """:func:`start_worker_imports` for the optimiser actors of ``sdf-ray reconstruct`` and ``mesh`` (their runtime
-    env: ``ray_session.shape_actor_runtime_env``)."""
-    _start_worker_imports(SHAPE_WORKER_IMPORTS + COMPILER_IMPORTS)
-
-
-def start_shape_worker_imports_eager() -> None:
-    """:func:`start_shape_worker_imports` for actors that do not compile (on CPUs, by default)."""
-    _start_worker_imports(SHAPE_WORKER_IMPORTS)
 
 
 def _start_worker_imports(modules: tuple[str, ...]) -> None:

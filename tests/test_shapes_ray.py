@@ -102,9 +102,8 @@ def test_start_up_marks_are_the_earliest_actors_and_never_fail_the_run(ray_sessi
     actors = [actor.remote({"actor_started": 990.0, "actor_ready": 1020.0, "first_batch_loaded": 1021.0}),
               actor.remote({"actor_started": 1005.0, "actor_ready": 1060.0, "first_batch_decoded": 1070.0}),
               actor.remote({}, fail=True)]
-    prestarted = _collect_marks(actors, clock, created=1003.0)
+    _collect_marks(actors, clock)
     # 990: a process Ray had started before the job (a pooled worker): the actor started with the job at the earliest
-    assert prestarted == {"actor0": True, "actor1": False}  # the third did not answer
     assert {k: clock.marks[k] for k in ("actor_started", "actor_ready", "first_batch_loaded")} == {
         "actor_started": 4.0, "actor_ready": 20.0, "first_batch_loaded": 21.0}
     assert "first_batch_optimised" not in clock.marks and "first_batch_decoded" not in clock.marks

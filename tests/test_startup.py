@@ -147,52 +147,25 @@ def test_a_healthy_run_reports_its_startup_and_prints_no_resource_request_traceb
     assert "first step done" in proc.stdout and "ray_start" in proc.stdout
 
 
-@pytest.mark.ray
-def test_reconstruct_on_an_embedded_ray_uses_the_processes_prestarted_for_its_actors(tmp_path_factory):
-    """``sdf-ray reconstruct`` starting its own Ray: the raylet starts the optimiser actors' processes as soon as Ray
-    is up (their runtime env as sdf-ray computes it), the actors take them, and their setup hook imported torch."""
-    from tests.test_shapes_helpers import FAST, build_shapes_data
-
-    data = build_shapes_data(tmp_path_factory)
-    out = tmp_path_factory.mktemp("prestart") / "out"
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "sdf_ray.cli", "reconstruct", "--run", str(data.run), "--data", str(data.heldout),
-           "--out", str(out), *FAST]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parents[1])
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"]["ok"] == 3
-    assert summary["startup_prestart_requested"] is True
-    assert summary["startup_prestarted"] == {"actor0": True, "actor1": True}, output[-3000:]
-    assert "did not use the processes prestarted" not in output
-
-
-@pytest.mark.parametrize("which", ["driver", "worker", "shape worker"])
+@pytest.mark.parametrize("which", ["driver", "worker"])
 def test_the_modules_imported_in_a_thread_do_not_import_ray(which):
     """``launch.DRIVER_IMPORTS`` are imported in a thread beside ``ray.init``, ``startup.WORKER_IMPORTS`` beside a
-    Ray Train worker's set-up (``SHAPE_WORKER_IMPORTS`` beside an optimiser actor's): one that imported Ray could
-    wait on the main thread's imports while the main thread waits on it."""
+    Ray Train worker's set-up: one that imported Ray could wait on the main thread's imports while the main thread
+    waits on it."""
     from sdf_ray.launch import DRIVER_IMPORTS
 
-    modules = {"driver": DRIVER_IMPORTS, "worker": startup.WORKER_IMPORTS + startup.COMPILER_IMPORTS,
-               "shape worker": startup.SHAPE_WORKER_IMPORTS + startup.COMPILER_IMPORTS}[which]
+    modules = DRIVER_IMPORTS if which == "driver" else startup.WORKER_IMPORTS + startup.COMPILER_IMPORTS
     code = f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize(("hook", "modules", "compiler"), [
-    ("start_worker_imports", "WORKER_IMPORTS", "True"), ("start_worker_imports_eager", "WORKER_IMPORTS", "False"),
-    ("start_shape_worker_imports", "SHAPE_WORKER_IMPORTS", "True"),
-    ("start_shape_worker_imports_eager", "SHAPE_WORKER_IMPORTS", "False")])
-def test_the_worker_setup_hook_returns_at_once_and_imports_in_a_daemon_thread(hook, modules, compiler):
-    if True:
+def test_the_worker_setup_hook_returns_at_once_and_imports_in_a_daemon_thread():
+    for hook, compiler in (("start_worker_imports", "True"), ("start_worker_imports_eager", "False")):
         code = (f"import sys, time; from sdf_ray import startup; t = time.time(); startup.{hook}(); "
                 "returned = time.time() - t; thread = startup._WORKER_IMPORTS[0]; print(thread._thread.daemon, "
                 "'torch._dynamo' in sys.modules); thread.finish(); print(returned < 0.5, startup.worker_imports_started(), "
-                f"all(m in sys.modules for m in startup.{modules}), 'torch._inductor.compile_fx' in sys.modules)")
+                "all(m in sys.modules for m in startup.WORKER_IMPORTS), 'torch._inductor.compile_fx' in sys.modules)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert out.stdout.split() == ["True", "False", "True", "True", "True", compiler], out.stderr[-2000:]
 
@@ -256,7 +229,7 @@ def test_the_early_imports_never_ask_cuda_anything():
         "    real = getattr(torch.cuda, name)\n"
         "    setattr(torch.cuda, name, (lambda n, r: lambda *a, **k: calls.append(n) or r(*a, **k))(name, real))\n"
         "from sdf_ray import startup\n"
-        "for module in startup.WORKER_IMPORTS + startup.SHAPE_WORKER_IMPORTS + startup.COMPILER_IMPORTS:\n"
+        "for module in startup.WORKER_IMPORTS + startup.COMPILER_IMPORTS:\n"
         "    importlib.import_module(module)\n"
         "print('cuda calls:', calls)\n"
     )
@@ -264,18 +237,14 @@ def test_the_early_imports_never_ask_cuda_anything():
     assert "cuda calls: []" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
-def test_train_workers_and_shape_actors_get_the_setup_hook_unless_the_job_has_its_own(monkeypatch):
+def test_train_workers_get_the_setup_hook_unless_the_job_has_its_own(monkeypatch):
     from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
     from sdf_ray import ray_session
 
     monkeypatch.delenv(WORKER_PROCESS_SETUP_HOOK_ENV_VAR, raising=False)
-    for make, compiles, hook in (
-            (ray_session.train_worker_runtime_env, True, startup.start_worker_imports),
-            (ray_session.train_worker_runtime_env, False, startup.start_worker_imports_eager),
-            (ray_session.shape_actor_runtime_env, True, startup.start_shape_worker_imports),
-            (ray_session.shape_actor_runtime_env, False, startup.start_shape_worker_imports_eager)):
-        env = make(compiles)
+    for compiles, hook in ((True, startup.start_worker_imports), (False, startup.start_worker_imports_eager)):
+        env = ray_session.train_worker_runtime_env(compiles)
         module, _, name = env["env_vars"][WORKER_PROCESS_SETUP_HOOK_ENV_VAR].rpartition(".")
         assert getattr(importlib.import_module(module), name) is hook
     # A hook given to this driver's ray.init (Ray keeps it in the job's runtime env): theirs runs.
@@ -286,7 +255,7 @@ def test_train_workers_and_shape_actors_get_the_setup_hook_unless_the_job_has_it
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "get_runtime_context", Context)
-    assert ray_session.train_worker_runtime_env(True) == {} == ray_session.shape_actor_runtime_env(True)
+    assert ray_session.train_worker_runtime_env(True) == {}
     monkeypatch.setattr(Context, "runtime_env", {})
     assert ray_session.train_worker_runtime_env(True) != {}
     # Under `ray job submit` with a hook (Ray exports it to the driver's environment): theirs runs.

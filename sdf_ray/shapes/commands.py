@@ -11,7 +11,7 @@ import argparse
 import difflib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,10 +77,10 @@ def register(subparsers: Any) -> None:
 # Shared checks
 
 
-def _connect(address: str | None, prestart: Callable[[], object] | None = None) -> str:
+def _connect(address: str | None) -> str:
     from sdf_ray.ray_session import connect_ray
 
-    return connect_ray(address, fast_reports=False, ray_train=False, prestart=prestart)
+    return connect_ray(address, fast_reports=False, ray_train=False)
 
 
 def _dataset(path: str) -> tuple[Path, Any]:
@@ -217,8 +217,7 @@ def _resume(out_dir: Path, scenes: Sequence[Any]) -> tuple[list[dict[str, Any]],
 
 def _run(verb: str, job: Any, scenes: list[Any], payload: dict[str, Any], codes: np.ndarray | None,
          address: str | None, extra: dict[str, Any]) -> int:
-    from sdf_ray.launch import unused_prestart_warning
-    from sdf_ray.shapes.pipeline import Progress, prestart_actors, run_shapes
+    from sdf_ray.shapes.pipeline import Progress, run_shapes
     from sdf_ray.startup import SHAPES, StartupClock
 
     out_dir = Path(job.out_dir)
@@ -231,8 +230,7 @@ def _run(verb: str, job: Any, scenes: list[Any], payload: dict[str, Any], codes:
     if todo:
         clock = StartupClock(timeline=SHAPES)
         clock.mark("checked")
-        requested: list[bool] = []
-        where = _connect(address, prestart=lambda: requested.append(prestart_actors(job, len(todo))))
+        where = _connect(address)
         clock.mark("ray_connected")
         print(f"sdf-ray {verb}: {len(todo)} shapes on {where}", flush=True)
         progress = Progress(verb, len(todo))
@@ -244,12 +242,7 @@ def _run(verb: str, job: Any, scenes: list[Any], payload: dict[str, Any], codes:
 
         todo_scenes = [scenes[j] for j in todo]
         todo_codes = None if codes is None else codes[todo]
-        facts: dict[str, Any] = {}
-        rows += run_shapes(job, todo_scenes, payload, todo_codes, on_row=on_row, clock=clock, facts=facts)
-        extra = {**extra, **facts, "startup_prestart_requested": any(requested)}
-        warning = unused_prestart_warning(extra, runner="the optimiser actors")
-        if warning:
-            log.warning("warning: %s", warning)
+        rows += run_shapes(job, todo_scenes, payload, todo_codes, on_row=on_row, clock=clock)
     return _finish(out_dir, verb, rows, started, len(todo), extra, job.data_path, clock)
 
 

@@ -87,9 +87,6 @@ class _RemoteShapeWorker:
             if self.worker is None:
                 import ray
 
-                from sdf_ray.startup import finish_worker_imports
-
-                finish_worker_imports()  # the setup hook's imports (shape_actor_runtime_env) before importing torch
                 self.worker = ShapeWorker(ray.get(decoder_payload[0]), self.job, self.device)
                 self._marks["actor_ready"] = time.time()
         try:
@@ -174,56 +171,27 @@ def _duration(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
 
 
-def _placement(cfg: Any) -> Placement:
-    import ray
-
-    return plan_placement(cfg.device, cfg.num_workers, cfg.cpus_per_worker, cfg.cpus_per_mesh_task,
-                          ray.cluster_resources())
-
-
-def _actor_runtime_env(cfg: Any, place: Placement) -> dict[str, Any]:
-    """The optimiser actors' runtime env: their process imports torch (and the compiler, when they will compile)
-    as soon as it starts (``ray_session.shape_actor_runtime_env``)."""
-    from sdf_ray.ray_session import shape_actor_runtime_env
-
-    return shape_actor_runtime_env(cfg.compile is True or (cfg.compile == "auto" and place.use_gpu))
-
-
-def prestart_actors(job: Job, num_scenes: int) -> bool:
-    """Right after an embedded Ray starts: its raylet starts the optimiser actors' processes ahead of need, so that
-    their imports overlap the driver's preparation (``ray_session.prestart_actor_processes``). Not for a job the
-    cluster cannot run (its one-line error comes next, from :func:`run_shapes`)."""
-    from sdf_ray.ray_session import prestart_actor_processes
-
-    try:
-        place = _placement(job.cfg)
-    except ClusterError:
-        return False
-    return prestart_actor_processes(min(place.num_workers, num_scenes), _actor_runtime_env(job.cfg, place))
-
-
 def run_shapes(job: Job, scenes: Sequence[SceneInfo], decoder_payload: dict[str, Any],
                codes_NL: np.ndarray | None = None, on_row: Callable[[dict[str, Any]], None] | None = None,
-               clock: StartupClock | None = None, facts: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+               clock: StartupClock | None = None) -> list[dict[str, Any]]:
     """Optimise/decode ``scenes`` on actors and mesh/measure them in CPU tasks; returns one record per scene.
 
     ``codes_NL`` (``mesh`` mode): row j is the learned code of ``scenes[j]``. ``clock`` (``startup.SHAPES``)
-    receives the actors' start-up marks, each the earliest actor's, and ``facts`` which actors' processes were
-    running before Ray was connected (``startup_prestarted``: :func:`prestart_actors`). Ray must be connected.
+    receives the actors' start-up marks, each the earliest actor's. Ray must be connected.
     """
     import ray
 
     cfg = job.cfg
     if not scenes:
         return []
-    place = _placement(cfg)
+    place = plan_placement(cfg.device, cfg.num_workers, cfg.cpus_per_worker, cfg.cpus_per_mesh_task,
+                           ray.cluster_resources())
     payload_ref = ray.put(decoder_payload)
     # CUDA graphs (reduce-overhead) are recorded per thread, each with its own memory pool: one batch at a time.
     in_flight = cfg.batches_in_flight or (2 if place.use_gpu and cfg.compile_mode != "reduce-overhead" else 1)
     actor_cls = ray.remote(_RemoteShapeWorker).options(
         num_cpus=cfg.cpus_per_worker, num_gpus=1 if place.use_gpu else 0, max_restarts=1, max_task_retries=1,
-        max_concurrency=in_flight, runtime_env=_actor_runtime_env(cfg, place))
-    created = time.time()  # a process that started before this was there already: prestarted (or pooled)
+        max_concurrency=in_flight)
     actors: list[Any] = [actor_cls.remote(job, "cuda" if place.use_gpu else "cpu")
               for _ in range(min(place.num_workers, len(scenes)))]
     finish = ray.remote(finish_shape).options(num_cpus=cfg.cpus_per_mesh_task, max_retries=1)
@@ -272,9 +240,7 @@ def run_shapes(job: Job, scenes: Sequence[SceneInfo], decoder_payload: dict[str,
                 if on_row is not None:
                     on_row(row)
         if clock is not None:
-            prestarted = _collect_marks(actors, clock, created)
-            if facts is not None and prestarted:
-                facts["startup_prestarted"] = prestarted
+            _collect_marks(actors, clock)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -285,39 +251,32 @@ def run_shapes(job: Job, scenes: Sequence[SceneInfo], decoder_payload: dict[str,
 ACTOR_MARKS = SHAPES.names[SHAPES.names.index("ray_connected") + 1:SHAPES.names.index("first_shape_done")]
 
 
-def _collect_marks(actors: Sequence[Any], clock: StartupClock, created: float = float("-inf")) -> dict[str, bool]:
+def _collect_marks(actors: Sequence[Any], clock: StartupClock) -> None:
     """The actors' start-up marks into ``clock``: per mark, the earliest actor's, no earlier than Ray's connection.
     Marks after the first shape was done come from an actor Ray restarted, not from the start-up, and are left
-    out; so is an actor that does not answer within 10 s in all. Returns, per actor that answered (``actor0``,
-    ...: creation order), whether its process was running before the actors were ``created`` (a wall-clock time):
-    prestarted (:func:`prestart_actors`), or an idle process of an earlier command in the same Ray session. A
-    diagnostic: it never fails the run."""
+    out; so is an actor that does not answer within 10 s in all. A diagnostic: it never fails the run."""
     import ray
 
-    prestarted: dict[str, bool] = {}
     try:
         refs = [actor.startup_marks.remote() for actor in actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10.0)
-        found: dict[int, dict[str, float]] = {}
+        found: list[dict[str, float]] = []
         for ref in ready:
             try:
-                found[refs.index(ref)] = ray.get(ref)
+                found.append(ray.get(ref))
             except ray.exceptions.RayError as exc:
                 log.debug("no start-up marks from an actor: %s", cause_line(exc))
         first_shape = clock.marks.get("first_shape_done")
         latest = float("inf") if first_shape is None else clock.origin + first_shape
-        # A process Ray started earlier and hands to the actor (prestarted, or an idle pooled worker of an earlier
-        # command in the same session) started before this command connected: its actor started then at the earliest.
+        # A process Ray started earlier and hands to the actor (an idle pooled worker) started before this job:
+        # its actor started when Ray was connected at the earliest.
         earliest = clock.origin + clock.marks.get("ray_connected", 0.0)
         for name in ACTOR_MARKS:
-            times = [max(m[name], earliest) for m in found.values() if name in m and m[name] <= latest]
+            times = [max(m[name], earliest) for m in found if name in m and m[name] <= latest]
             if times:
                 clock.mark(name, at=min(times), keep_first=True)
-        prestarted = {f"actor{i}": found[i]["actor_started"] < created for i in sorted(found)
-                      if "actor_started" in found[i] and found[i]["actor_started"] <= latest}
     except Exception as exc:  # the shapes are done and written: a missing breakdown must not lose them
         log.debug("start-up marks not collected: %s", exc)
-    return prestarted
 
 
 def evaluate_meshes(items: Sequence[tuple[str, SceneInfo]], data_path: str, cfg: Any, frame: Any,
