@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Measured the tree of commit d759689 (the actors' prestart), reverted in the next commit: on this tree SDF_RAY_PRESTART no
+# longer changes `sdf-ray reconstruct`.
 # Issue 12 on one H200: the optimiser actors' processes prestarted (SDF_RAY_PRESTART=1, the default) against not,
 # alternating, for `sdf-ray reconstruct` of 64 held-out shapes (one batch: the run is its start-up), warm cache.
 #
