@@ -137,9 +137,10 @@ class ShapeWorker:
         """This thread's stream for ``sdf_l1`` and decoding, at the highest priority, after the work queued so far
         on the current one; the current one waits for it afterwards (tensors of the batch go back to its pool).
 
-        Decoding syncs with the host a few times per shape, and at the default priority each sync waited behind
-        the other thread's queue of optimisation GEMMs; at a higher priority its kernels take SMs as blocks free
-        up (measured on an H200: docs/performance.md, session 8). Nothing on CPUs.
+        Decoding syncs with the host a few times per refinement level, and at the default priority each sync waited
+        behind the other thread's queue of optimisation GEMMs; at a higher priority its kernels take SMs as blocks
+        free up (measured on an H200: docs/performance.md, session 8). Running it after the optimisation instead,
+        under the device lock, was slower (session 11): the GPU idles through its syncs and copies. Nothing on CPUs.
         """
         import torch
 
