@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -114,6 +115,18 @@ def disconnect_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def disconnect_in_background(where: str) -> threading.Thread | None:
+    """:func:`disconnect_ray` in a thread, for a command whose Ray work is done and whose own work goes on (writing
+    its tables and picture: ``sdf-ray reconstruct``, ``mesh``); the caller joins it. Not for a session the command
+    found running (``EXISTING_SESSION``): that one stays. An embedded Ray takes seconds to stop (2.3 s on the GPU
+    machine), which otherwise follow the command's last line."""
+    if where == EXISTING_SESSION:
+        return None
+    thread = threading.Thread(target=disconnect_ray, name="ray-shutdown")
+    thread.start()
+    return thread
 
 
 # Workaround: Ray Train's autoscaling coordinator starts cold inside the run. The Train controller registers the

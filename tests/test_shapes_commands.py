@@ -350,3 +350,41 @@ def test_only_errors_that_lose_the_cuda_context_restart_the_optimiser_actor():
     assert not is_fatal_device_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not is_fatal_device_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_fatal_device_error(ValueError("CUDA error: not a RuntimeError"))
+
+
+@pytest.mark.parametrize("where", ["embedded local Ray (127.0.0.1:1)", "existing Ray session"])
+def test_a_command_that_started_ray_stops_it_while_writing_its_tables_and_picture(where, tmp_path, monkeypatch):
+    """reconstruct / mesh: once every shape is written, the Ray the command started shuts down in a thread while the
+    tables and the picture are written, and the command returns only after both; a session it found stays up."""
+    import threading
+    import time
+
+    from sdf_ray import ray_session
+    from sdf_ray.shapes import commands, pipeline
+
+    events: list[str] = []
+
+    def slow_disconnect() -> None:
+        events.append(f"shutdown starts on {threading.current_thread().name}")
+        time.sleep(0.3)
+        events.append("shutdown ends")
+
+    def finish(*args, **kwargs) -> int:
+        events.append("finish starts")
+        time.sleep(0.1)
+        events.append("finish ends")
+        return 0
+
+    monkeypatch.setattr(ray_session, "disconnect_ray", slow_disconnect)
+    monkeypatch.setattr(commands, "_connect", lambda address: where)
+    monkeypatch.setattr(pipeline, "run_shapes", lambda *a, **k: [{"scene": "a", "status": "ok"}])
+    monkeypatch.setattr(commands, "_finish", finish)
+    job = Job("reconstruct", str(tmp_path), None, ReconstructConfig(), 0.1, 8)
+    scenes = [SceneInfo(0, "a", {"offset": [0, 0, 0], "scale": 1.0}, False)]
+    assert commands._run("reconstruct", job, scenes, {}, None, None, {}) == 0
+    if where.startswith("existing"):
+        assert events == ["finish starts", "finish ends"]
+    else:
+        assert events[0] == "shutdown starts on ray-shutdown"
+        assert events.index("finish starts") < events.index("shutdown ends")  # at the same time
+        assert events[-1] == "shutdown ends"  # joined before returning

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -227,6 +228,7 @@ def _run(verb: str, job: Any, scenes: list[Any], payload: dict[str, Any], codes:
         print(f"{verb}: {len(done)} of {len(scenes)} shapes already done in {out_dir}, {len(todo)} to go")
     rows = list(done)
     clock = None
+    shutdown: threading.Thread | None = None
     if todo:
         clock = StartupClock(timeline=SHAPES)
         clock.mark("checked")
@@ -243,7 +245,14 @@ def _run(verb: str, job: Any, scenes: list[Any], payload: dict[str, Any], codes:
         todo_scenes = [scenes[j] for j in todo]
         todo_codes = None if codes is None else codes[todo]
         rows += run_shapes(job, todo_scenes, payload, todo_codes, on_row=on_row, clock=clock)
-    return _finish(out_dir, verb, rows, started, len(todo), extra, job.data_path, clock)
+        from sdf_ray.ray_session import disconnect_in_background
+
+        shutdown = disconnect_in_background(where)  # every shape is written: Ray stops while the picture is drawn
+    try:
+        return _finish(out_dir, verb, rows, started, len(todo), extra, job.data_path, clock)
+    finally:
+        if shutdown is not None:
+            shutdown.join()
 
 
 # --------------------------------------------------------------------------------------------------
