@@ -103,6 +103,9 @@ class DeepSDFDecoder(nn.Module):
         if latent.shape[-1] != self.latent_size or xyz.shape[-1] != 3:
             raise ValueError(f"expected latent [..., {self.latent_size}] and xyz [..., 3], "
                              f"got {tuple(latent.shape)} and {tuple(xyz.shape)}")
+        if code_index is not None and (latent.dim() != 2 or code_index.shape != xyz.shape[:-1] or xyz.dim() != 2):
+            raise ValueError(f"code_index: expected codes [B, {self.latent_size}], points [P, 3] and an index [P], "
+                             f"got {tuple(latent.shape)}, {tuple(xyz.shape)} and {tuple(code_index.shape)}")
         x = xyz  # replaced by layer 0's output
         for i in range(self.num_hidden):
             w_h, w_in, bias = self._split_weight(i)

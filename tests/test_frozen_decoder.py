@@ -149,6 +149,10 @@ def test_decoding_many_shapes_by_code_index_equals_decoding_each_shape_alone():
             # in chunks of 16 points, the last one padded
             torch.testing.assert_close(decode_indexed(module, codes, index, xyz, "fp32", 16, pad=True).double(),
                                        alone.float().double(), rtol=1e-6, atol=1e-7)
+            # an index that does not name one code per point is refused, not broadcast
+            for bad_codes, bad_index in ((codes, index[:1]), (codes.unsqueeze(1), index)):
+                with pytest.raises(ValueError, match="code_index"):
+                    module(bad_codes, xyz, code_index=bad_index)
 
 
 @pytest.mark.parametrize("code_gradient", ["hand-written", "autograd"])

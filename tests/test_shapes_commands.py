@@ -353,38 +353,46 @@ def test_only_errors_that_lose_the_cuda_context_restart_the_optimiser_actor():
 
 
 @pytest.mark.parametrize("where", ["embedded local Ray (127.0.0.1:1)", "existing Ray session"])
-def test_a_command_that_started_ray_stops_it_while_writing_its_tables_and_picture(where, tmp_path, monkeypatch):
+@pytest.mark.parametrize("finish_fails", [False, True])
+def test_a_command_that_started_ray_stops_it_while_writing_its_tables_and_picture(where, finish_fails, tmp_path,
+                                                                                monkeypatch):
     """reconstruct / mesh: once every shape is written, the Ray the command started shuts down in a thread while the
-    tables and the picture are written, and the command returns only after both; a session it found stays up."""
+    tables and the picture are written, and the command returns (or raises) only after both; a session it found
+    stays up."""
     import threading
-    import time
 
     from sdf_ray import ray_session
     from sdf_ray.shapes import commands, pipeline
 
-    events: list[str] = []
+    shutting_down, finished = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
 
-    def slow_disconnect() -> None:
-        events.append(f"shutdown starts on {threading.current_thread().name}")
-        time.sleep(0.3)
-        events.append("shutdown ends")
+    def disconnect() -> None:
+        seen["thread"] = threading.current_thread().name
+        shutting_down.set()
+        seen["overlapped"] = finished.wait(timeout=10)  # the tables are written meanwhile
+        seen["ended"] = True
 
     def finish(*args, **kwargs) -> int:
-        events.append("finish starts")
-        time.sleep(0.1)
-        events.append("finish ends")
+        if where.startswith("embedded"):
+            assert shutting_down.wait(timeout=10)
+        finished.set()
+        if finish_fails:
+            raise KeyboardInterrupt
         return 0
 
-    monkeypatch.setattr(ray_session, "disconnect_ray", slow_disconnect)
+    monkeypatch.setattr(ray_session, "disconnect_ray", disconnect)
     monkeypatch.setattr(commands, "_connect", lambda address: where)
     monkeypatch.setattr(pipeline, "run_shapes", lambda *a, **k: [{"scene": "a", "status": "ok"}])
     monkeypatch.setattr(commands, "_finish", finish)
     job = Job("reconstruct", str(tmp_path), None, ReconstructConfig(), 0.1, 8)
     scenes = [SceneInfo(0, "a", {"offset": [0, 0, 0], "scale": 1.0}, False)]
-    assert commands._run("reconstruct", job, scenes, {}, None, None, {}) == 0
-    if where.startswith("existing"):
-        assert events == ["finish starts", "finish ends"]
+    if finish_fails:
+        with pytest.raises(KeyboardInterrupt):
+            commands._run("reconstruct", job, scenes, {}, None, None, {})
     else:
-        assert events[0] == "shutdown starts on ray-shutdown"
-        assert events.index("finish starts") < events.index("shutdown ends")  # at the same time
-        assert events[-1] == "shutdown ends"  # joined before returning
+        assert commands._run("reconstruct", job, scenes, {}, None, None, {}) == 0
+    if where.startswith("existing"):
+        assert seen == {}
+    else:
+        assert seen == {"thread": "ray-shutdown", "overlapped": True, "ended": True}  # joined before returning

@@ -121,21 +121,46 @@ class ShapeRecorder(SphereCodes):
         return super().forward(latent, xyz)
 
 
-def test_static_batch_decoding_pads_to_two_input_shapes_and_changes_no_value():
-    """What a compiled decoder gets (static_batch): padded codes and chunks, the same grids as unpadded."""
+@pytest.mark.parametrize("per_shape", [True, False])
+def test_static_batch_decoding_pads_to_two_input_shapes_and_changes_no_value(per_shape):
+    """What a compiled decoder gets (static_batch): padded codes and chunks, the same grids as unpadded; shape by
+    shape (CPUs) or the shapes of a group together (GPUs)."""
     spec = GridSpec(40, 4, 2.0)
     recorder = ShapeRecorder()
     for codes in (torch.tensor([[0.3, 0.0], [0.6, 0.0]]), torch.tensor([[0.45, 0.0]])):  # two batch sizes
-        padded = decode_sparse_grids(recorder, codes, spec, "fp32", points_per_forward=5000, static_batch=4)
+        padded = decode_sparse_grids(recorder, codes, spec, "fp32", points_per_forward=5000, static_batch=4,
+                                     per_shape=per_shape)
         plain = decode_sparse_grids(SphereCodes(), codes, spec, "fp32", points_per_forward=5000)
         assert len(padded) == len(plain) == len(codes)
         for a, b in zip(padded, plain):
             np.testing.assert_array_equal(a.block_mask, b.block_mask)
             np.testing.assert_allclose(a.coarse_values, b.coarse_values, atol=1e-6)
             np.testing.assert_allclose(a.fine_values, b.fine_values, atol=1e-6)  # chunking: rounding only
-    # the coarse pass on 4 codes x 1,250-point chunks; the levels and fine points of all shapes in 5,000-point
-    # chunks, a code per point (SphereCodes takes no code index)
-    assert recorder.seen == {((4, 1, 2), (1, 1250, 3)), ((5000, 2), (5000, 3))}
+    # the coarse pass on 4 codes x 1,250-point chunks; then one code x 1,250-point chunks (5000 // 4) per shape, or
+    # the points of all shapes in 5,000-point chunks, a code per point (SphereCodes takes no code index)
+    levels = ((1, 1, 2), (1, 1250, 3)) if per_shape else ((5000, 2), (5000, 3))
+    assert recorder.seen == {((4, 1, 2), (1, 1250, 3)), levels}
+
+
+@pytest.mark.parametrize("static_batch", [0, 6])
+def test_grids_decoded_group_by_group_equal_each_shape_decoded_alone(static_batch, monkeypatch):
+    """The GPU path (``per_shape=False``) over several groups (GROUP_POINTS of two shapes here), a shape whose SDF
+    never crosses zero among them: each grid equals the CPU decoding of that shape alone."""
+    from sdf_ray.shapes import decode
+
+    spec = GridSpec(40, 8, 2.0)
+    monkeypatch.setattr(decode, "GROUP_POINTS", 2 * spec.resolution ** 3)
+    radii = [0.3, 0.6, 5.0, 0.45, 0.5]  # 5.0: no surface inside the grid
+    codes = torch.tensor([[r, 0.0] for r in radii])
+    grids = decode_sparse_grids(SphereCodes(), codes, spec, "fp32", points_per_forward=3000,
+                                static_batch=static_batch, per_shape=False)
+    for grid, r in zip(grids, radii):
+        ref = decode_grid(lambda p, r=r: np.linalg.norm(p, axis=1) - r, spec)
+        np.testing.assert_array_equal(grid.block_mask, ref.block_mask)
+        np.testing.assert_allclose(grid.coarse_values, ref.coarse_values, atol=1e-6)
+        np.testing.assert_allclose(grid.fine_values, ref.fine_values, atol=1e-6)
+        assert grid.num_mid == ref.num_mid
+    assert grids[2].fine_values.size == 0 and grids[1].fine_values.size > 0
 
 
 @pytest.mark.parametrize("value", [0.3, -0.3])

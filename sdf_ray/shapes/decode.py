@@ -111,9 +111,17 @@ def _level_points(spec: GridSpec, stride: int, mask: torch.Tensor,
     """:func:`sdf_ray.shapes.meshing.level_points` on the device for ``[B, n, n, n]`` masks: (the shape of each
     point, the points), shape by shape and each shape's in the same C order."""
     a = axis[torch.as_tensor(spec.level_index(stride), device=axis.device)]
-    found = torch.nonzero(mask)
-    # contiguous: CUDA's nonzero is column-major, and a compiled decoder specialises on the input's strides.
-    return found[:, 0].contiguous(), a[found[:, 1:]].contiguous()
+    n = mask.shape[1]
+    # Flat positions in int32 (a group holds fewer than 2^31 grid points: GROUP_POINTS), split by division: 4 bytes
+    # per point where nonzero's [P, 4] int64 rows would keep 32.
+    flat = torch.nonzero(mask.flatten()).squeeze(1).to(torch.int32)
+    k = flat % n
+    flat = flat.div_(n, rounding_mode="floor")
+    j = flat % n
+    flat = flat.div_(n, rounding_mode="floor")
+    i = flat % n
+    shape = flat.div_(n, rounding_mode="floor")
+    return shape, torch.stack([a[i], a[j], a[k]], dim=1)
 
 
 def _take3(blocks: torch.Tensor, index: np.ndarray) -> torch.Tensor:
@@ -151,20 +159,27 @@ def _fine_points(spec: GridSpec, block_mask: torch.Tensor, axis: torch.Tensor) -
     return _level_points(spec, 1, _corner_points(cells), axis)
 
 
-GROUP_POINTS = 1 << 28
-"""Grid points (shapes x N^3) planned at once: bounds the boolean masks and value grids of a group (about 2 GB
-at N = 256, 16 shapes)."""
+GROUP_POINTS = 1 << 26
+"""Grid points (shapes x N^3) planned at once on a GPU: 4 shapes at N = 256. It bounds a group's masks and value
+grids, and its points (a trained decoder's 4.3 M per shape at 256^3: about 0.6 GB of indices, coordinates and values
+at once); the decoder calls stay full (262,144 points)."""
 
 
 @torch.no_grad()
 def decode_sparse_grids(decoder: nn.Module, codes_BL: torch.Tensor, spec: GridSpec, precision: str,
-                        points_per_forward: int, static_batch: int = 0) -> list[SparseGrid]:
-    """Coarse grids of all codes in shared forwards, then the refinement levels and the fine points of groups of
-    shapes, each level's points of a group in shared forwards (a few decoder calls and host syncs per level, not
-    per shape); CPU numpy results.
+                        points_per_forward: int, static_batch: int = 0,
+                        per_shape: bool | None = None) -> list[SparseGrid]:
+    """Coarse grids of all codes in shared forwards, then the refinement levels and the fine points; CPU numpy
+    results.
+
+    On a GPU the levels go group by group (:data:`GROUP_POINTS`), each level's points of a group's shapes in shared
+    decoder calls with a code index: a few calls and host syncs per level, not per shape (on an H200, 1,000 shapes
+    in 179 s instead of 186: docs/performance.md, session 11). ``per_shape`` (the default on CPUs): one shape at a
+    time, its code shared by all its points; eager on a CPU, gathering the code term per point cost more (12.6 s
+    against 15.0 s for 8 shapes at 96^3) than the syncs it saves.
 
     ``static_batch`` (a compiled decoder): the decoder always sees this many codes (the extra ones repeat the
-    first) and full chunks, so it sees two input shapes in all (the coarse pass, the per-point pass).
+    first) and full chunks, so it sees two input shapes in all (the coarse pass, the level passes).
     """
     device = codes_BL.device
     B = codes_BL.shape[0]
@@ -178,11 +193,17 @@ def decode_sparse_grids(decoder: nn.Module, codes_BL: torch.Tensor, spec: GridSp
         empty_blocks = np.zeros((0, 0, 0), dtype=bool)
         return [SparseGrid(spec, c.cpu().numpy(), empty_blocks, np.zeros(0, dtype=np.float32)) for c in coarse]
     axis = torch.from_numpy(spec.axis()).to(device)
-    group = max(1, GROUP_POINTS // spec.resolution ** 3)
+    if per_shape is None:
+        per_shape = device.type != "cuda"
+    group = 1 if per_shape else max(1, GROUP_POINTS // spec.resolution ** 3)
+    # One shape's passes in chunks of a quarter call when padded: the padding of each pass's last chunk stays small.
+    shape_chunk = max(1024, points_per_forward // 4) if pad else points_per_forward
     grids = []
     for g0 in range(0, B, group):
 
         def decode(index: torch.Tensor, points: torch.Tensor, g0: int = g0) -> torch.Tensor:
+            if per_shape:
+                return decode_shared(decoder, codes_BL[g0:g0 + 1], points, precision, shape_chunk, pad)[0]
             return decode_indexed(decoder, all_codes, index + g0, points, precision, points_per_forward, pad)
 
         blocks, num_mid = _plan_levels(spec, coarse[g0:g0 + group], axis, decode)
