@@ -161,8 +161,8 @@ def _fine_points(spec: GridSpec, block_mask: torch.Tensor, axis: torch.Tensor) -
 
 GROUP_POINTS = 1 << 26
 """Grid points (shapes x N^3) planned at once on a GPU: 4 shapes at N = 256. It bounds a group's masks and value
-grids, and its points (a trained decoder's 4.3 M per shape at 256^3: about 0.6 GB of indices, coordinates and values
-at once); the decoder calls stay full (262,144 points)."""
+grids, and its points (a trained decoder's 4.3 M per shape at 256^3: under 1 GB of masks, indices, coordinates and
+values at once); the decoder calls stay full (262,144 points)."""
 
 
 @torch.no_grad()
