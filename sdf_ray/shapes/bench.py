@@ -3,8 +3,10 @@
 - optimise: :func:`reconstruct_codes` for a batch of shapes with the DeepSDF-size decoder (random weights: the
   cost does not depend on them), ``num_iterations`` x ``samples_per_iteration``;
 - decode: the coarse-to-fine grid of each shape. A random decoder has no realistic surface, so the points a
-  shape needs are counted on analytic synthetic shapes (``sdf_ray.data.synth``) and decoded through the real
-  decoder at that count;
+  shape needs are counted on analytic synthetic shapes (``sdf_ray.data.synth``: 1.4 M at 256^3) and decoded
+  through the real decoder at that count. A trained decoder needs more (4.3 M at 256^3 for the model of
+  docs/gpu-results/reconstruct-1000.sh: the ``grid`` line of a reconstruction's summary says it);
+  ``--points-per-shape`` decodes that many instead;
 - mesh: marching cubes on those analytic shapes' sparse grids (CPU, one core).
 
 Prints one line per stage (seconds per shape, shapes/s) and the peak device memory.
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "tf32", "bf16"),
                    help="auto: bf16 on GPUs with native bf16, else fp32")
     p.add_argument("--mesh-shapes", type=int, default=4, help="analytic shapes for the decode and mesh stages")
+    p.add_argument("--points-per-shape", type=int, default=0,
+                   help="grid points to decode per shape (default: as many as the analytic shapes need); a "
+                        "reconstruction's summary says how many a trained decoder needs")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (optimisation and decoding)")
     p.add_argument("--compile-mode", default="default",
                    choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead"))
@@ -90,29 +95,36 @@ def main(argv: list[str] | None = None) -> None:
         result = extract_mesh(grid)
         t_mesh += time.perf_counter() - t1
         assert result.status == "ok"
-    points = int(np.mean(counts))
+    points = args.points_per_shape or int(np.mean(counts))
     pad = static_batch > 0
     all_codes = torch.stack([c.code for c in codes]).to(device)
     coarse_xyz = torch.from_numpy(coarse_points(spec)).to(device)
-    # As the actors decode (sdf_ray.shapes.decode): the coarse grids of all shapes in shared forwards, then the
-    # finer points of groups of shapes in shared forwards with a code index (timed on 8 shapes' points). The
-    # first round compiles.
+    # As the actors decode (sdf_ray.shapes.decode.decode_sparse_grids): the coarse grids of all shapes in shared
+    # forwards, then the finer points (timed on 8 shapes' points): on GPUs those of a group of shapes in shared calls
+    # with a code index, on CPUs shape by shape. The first round compiles.
     fine_shapes = min(8, len(all_codes))
-    per_shape = points - len(coarse_xyz)
-    xyz = torch.rand(per_shape * fine_shapes, 3, device=device) * 2 - 1
-    index = torch.arange(fine_shapes, device=device).repeat_interleave(per_shape)
+    fine_per_shape = max(0, points - len(coarse_xyz))
+    xyz = torch.rand(fine_per_shape * fine_shapes, 3, device=device) * 2 - 1
+    index = torch.arange(fine_shapes, device=device).repeat_interleave(fine_per_shape)
+    shape_chunk = max(1024, cfg.points_per_forward // 4) if pad else cfg.points_per_forward
     for _ in range(2):
         t1 = time.perf_counter()
         decode_shared(prepared.decode, all_codes, coarse_xyz, cfg.precision, cfg.points_per_forward, pad)
         _sync(device)
         t2 = time.perf_counter()
-        decode_indexed(prepared.decode, all_codes, index, xyz, cfg.precision, cfg.points_per_forward, pad)
+        if device.type == "cuda":
+            decode_indexed(prepared.decode, all_codes, index, xyz, cfg.precision, cfg.points_per_forward, pad)
+        else:
+            for b in range(fine_shapes):
+                decode_shared(prepared.decode, all_codes[b:b + 1], xyz[b * fine_per_shape:(b + 1) * fine_per_shape],
+                              cfg.precision, shape_chunk, pad)
         _sync(device)
         t3 = time.perf_counter()
     t_coarse = (t2 - t1) / len(all_codes)
     t_fine = (t3 - t2) / fine_shapes
     t_dec = t_coarse + t_fine
-    print(f"decode: {points:,} points/shape at N={spec.resolution} (dense {spec.resolution ** 3:,}; coarse "
+    print(f"decode: {points:,} points/shape{'' if args.points_per_shape else ' (analytic shapes)'} at "
+          f"N={spec.resolution} (dense {spec.resolution ** 3:,}; coarse "
           f"{len(coarse_xyz):,}): {t_dec:.4f} s/shape (coarse {t_coarse:.4f}, fine {t_fine:.4f}), "
           f"{1 / t_dec:.1f} shapes/s", flush=True)
     print(f"device total: {t_opt / args.shapes + t_dec:.4f} s/shape, "
