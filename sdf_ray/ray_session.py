@@ -124,7 +124,14 @@ def disconnect_in_background(where: str) -> threading.Thread | None:
     machine), which otherwise follow the command's last line."""
     if where == EXISTING_SESSION:
         return None
-    thread = threading.Thread(target=disconnect_ray, name="ray-shutdown")
+
+    def disconnect() -> None:
+        try:
+            disconnect_ray()
+        except Exception as exc:  # the command's results are written: a failed shutdown is a line, not a traceback
+            log.warning("warning: Ray did not shut down cleanly: %s", first_line(exc))
+
+    thread = threading.Thread(target=disconnect, name="ray-shutdown")
     thread.start()
     return thread
 

@@ -396,3 +396,19 @@ def test_a_command_that_started_ray_stops_it_while_writing_its_tables_and_pictur
         assert seen == {}
     else:
         assert seen == {"thread": "ray-shutdown", "overlapped": True, "ended": True}  # joined before returning
+
+
+def test_a_failed_shutdown_in_the_background_is_one_warning_line(monkeypatch, caplog):
+    from sdf_ray import ray_session
+
+    def broken() -> None:
+        raise RuntimeError("raylet gone\nmore detail")
+
+    monkeypatch.setattr(ray_session, "disconnect_ray", broken)
+    seen: list[object] = []
+    monkeypatch.setattr("threading.excepthook", seen.append)  # a traceback would be reported here
+    thread = ray_session.disconnect_in_background("embedded local Ray (127.0.0.1:1)")
+    assert thread is not None
+    thread.join()
+    assert seen == []
+    assert [r.getMessage() for r in caplog.records] == ["warning: Ray did not shut down cleanly: raylet gone"]
