@@ -100,12 +100,7 @@ class DeepSDFDecoder(nn.Module):
                 code_index: torch.Tensor | None = None) -> torch.Tensor:
         """``code_index`` (decoding many shapes' points at once): codes ``[B, L]``, points ``[P, 3]``, point p
         decoded with code ``code_index[p]``, values ``[P]``."""
-        if latent.shape[-1] != self.latent_size or xyz.shape[-1] != 3:
-            raise ValueError(f"expected latent [..., {self.latent_size}] and xyz [..., 3], "
-                             f"got {tuple(latent.shape)} and {tuple(xyz.shape)}")
-        if code_index is not None and (latent.dim() != 2 or code_index.shape != xyz.shape[:-1] or xyz.dim() != 2):
-            raise ValueError(f"code_index: expected codes [B, {self.latent_size}], points [P, 3] and an index [P], "
-                             f"got {tuple(latent.shape)}, {tuple(xyz.shape)} and {tuple(code_index.shape)}")
+        check_inputs(self.latent_size, latent, xyz, code_index)
         x = xyz  # replaced by layer 0's output
         for i in range(self.num_hidden):
             w_h, w_in, bias = self._split_weight(i)
@@ -123,6 +118,16 @@ class DeepSDFDecoder(nn.Module):
         if self.output_tanh:
             x = torch.tanh(x)
         return x.squeeze(-1)
+
+
+def check_inputs(latent_size: int, latent: torch.Tensor, xyz: torch.Tensor, code_index: torch.Tensor | None) -> None:
+    """The decoder's input shapes (:class:`DeepSDFDecoder` and the frozen one): a ValueError naming what came."""
+    if latent.shape[-1] != latent_size or xyz.shape[-1] != 3:
+        raise ValueError(f"expected latent [..., {latent_size}] and xyz [..., 3], "
+                         f"got {tuple(latent.shape)} and {tuple(xyz.shape)}")
+    if code_index is not None and (latent.dim() != 2 or code_index.shape != xyz.shape[:-1] or xyz.dim() != 2):
+        raise ValueError(f"code_index: expected codes [B, {latent_size}], points [P, 3] and an index [P], "
+                         f"got {tuple(latent.shape)}, {tuple(xyz.shape)} and {tuple(code_index.shape)}")
 
 
 def point_term(xyz: torch.Tensor, axes_3W: torch.Tensor) -> torch.Tensor:

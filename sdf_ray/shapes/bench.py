@@ -25,7 +25,7 @@ from sdf_ray import config as config_mod
 from sdf_ray.device_settings import resolve_precision
 from sdf_ray.model import DeepSDFDecoder
 from sdf_ray.shapes.config import ReconstructConfig
-from sdf_ray.shapes.decode import decode_indexed, decode_shared
+from sdf_ray.shapes.decode import decode_points, decode_shared
 from sdf_ray.shapes.meshing import GridSpec, coarse_points, decode_grid, extract_mesh
 from sdf_ray.shapes.reconstruct import SampleBank, freeze, prepare, reconstruct_codes
 from sdf_ray.shapes.samples import ShapeSamples
@@ -100,24 +100,18 @@ def main(argv: list[str] | None = None) -> None:
     all_codes = torch.stack([c.code for c in codes]).to(device)
     coarse_xyz = torch.from_numpy(coarse_points(spec)).to(device)
     # As the actors decode (sdf_ray.shapes.decode.decode_sparse_grids): the coarse grids of all shapes in shared
-    # forwards, then the finer points (timed on 8 shapes' points): on GPUs those of a group of shapes in shared calls
-    # with a code index, on CPUs shape by shape. The first round compiles.
+    # forwards, then the finer points (timed on 8 shapes' points) as decode_points decodes them. The first round
+    # compiles.
     fine_shapes = min(8, len(all_codes))
     fine_per_shape = max(0, points - len(coarse_xyz))
     xyz = torch.rand(fine_per_shape * fine_shapes, 3, device=device) * 2 - 1
     index = torch.arange(fine_shapes, device=device).repeat_interleave(fine_per_shape)
-    shape_chunk = max(1024, cfg.points_per_forward // 4) if pad else cfg.points_per_forward
     for _ in range(2):
         t1 = time.perf_counter()
         decode_shared(prepared.decode, all_codes, coarse_xyz, cfg.precision, cfg.points_per_forward, pad)
         _sync(device)
         t2 = time.perf_counter()
-        if device.type == "cuda":
-            decode_indexed(prepared.decode, all_codes, index, xyz, cfg.precision, cfg.points_per_forward, pad)
-        else:
-            for b in range(fine_shapes):
-                decode_shared(prepared.decode, all_codes[b:b + 1], xyz[b * fine_per_shape:(b + 1) * fine_per_shape],
-                              cfg.precision, shape_chunk, pad)
+        decode_points(prepared.decode, all_codes, index, xyz, cfg.precision, cfg.points_per_forward, pad)
         _sync(device)
         t3 = time.perf_counter()
     t_coarse = (t2 - t1) / len(all_codes)

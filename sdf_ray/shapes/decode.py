@@ -19,6 +19,26 @@ from sdf_ray.shapes.meshing import GridSpec, SparseGrid, cell_blocks, coarse_poi
 from sdf_ray.shapes.reconstruct import decoding_context
 
 
+def _in_chunks(decoder: nn.Module, precision: str, device: torch.device, total: int, chunk: int, pad: bool,
+               call: Callable[[int, int], torch.Tensor]) -> list[torch.Tensor]:
+    """``call(start, size)`` decodes the points ``[start, start + size)``, its inputs padded to ``size`` rows; over
+    consecutive chunks of ``chunk`` points (``size`` the whole chunk when ``pad``: a compiled decoder then sees one
+    input shape), each output fp32, cut back to its real points along the last dim."""
+    out = []
+    for start in range(0, total, chunk):
+        n = min(chunk, total - start)
+        with decoding_context(decoder, precision, device):
+            values = call(start, chunk if pad else n).float()[..., :n]
+        # A CUDA-graphed decoder (compile mode reduce-overhead) overwrites its output on the next call.
+        out.append(values.clone() if pad else values)
+    return out
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with zero rows appended up to ``rows``."""
+    return t if len(t) >= rows else torch.cat([t, t.new_zeros((rows - len(t),) + tuple(t.shape[1:]))])
+
+
 @torch.no_grad()
 def decode_shared(decoder: nn.Module, codes_BL: torch.Tensor, points_P3: torch.Tensor, precision: str,
                   points_per_forward: int, pad: bool = False) -> torch.Tensor:
@@ -27,21 +47,14 @@ def decode_shared(decoder: nn.Module, codes_BL: torch.Tensor, points_P3: torch.T
     ``pad``: the last chunk is padded to a full one (for a compiled decoder: one input shape, one compilation).
     """
     B = codes_BL.shape[0]
-    chunk = max(1, points_per_forward // max(B, 1))
     latent = codes_BL.unsqueeze(1)
-    out = []
-    for start in range(0, points_P3.shape[0], chunk):
-        xyz = points_P3[start:start + chunk].contiguous()
-        n = xyz.shape[0]
-        if pad and n < chunk:
-            xyz = torch.cat([xyz, xyz.new_zeros(chunk - n, 3)])
-        with decoding_context(decoder, precision, points_P3.device):
-            values = decoder(latent, xyz.unsqueeze(0)).float()[:, :n]
-        # A CUDA-graphed decoder (compile mode reduce-overhead) overwrites its output on the next call.
-        out.append(values.clone() if pad else values)
-    if not out:
-        return torch.zeros(B, 0, device=points_P3.device)
-    return torch.cat(out, dim=1)
+
+    def call(start: int, size: int) -> torch.Tensor:
+        return decoder(latent, _pad_rows(points_P3[start:start + size].contiguous(), size).unsqueeze(0))
+
+    out = _in_chunks(decoder, precision, points_P3.device, points_P3.shape[0],
+                     max(1, points_per_forward // max(B, 1)), pad, call)
+    return torch.cat(out, dim=1) if out else torch.zeros(B, 0, device=points_P3.device)
 
 
 def decode_indexed(decoder: nn.Module, codes_BL: torch.Tensor, index_P: torch.Tensor, points_P3: torch.Tensor,
@@ -57,25 +70,36 @@ def decode_indexed(decoder: nn.Module, codes_BL: torch.Tensor, index_P: torch.Te
     from sdf_ray.shapes.frozen_decoder import FrozenDecoder
 
     indexed = isinstance(getattr(decoder, "_orig_mod", decoder), (DeepSDFDecoder, FrozenDecoder))
-    out = []
-    for start in range(0, points_P3.shape[0], points_per_forward):
-        xyz = points_P3[start:start + points_per_forward]
-        index = index_P[start:start + points_per_forward]
-        n = xyz.shape[0]
-        if pad and n < points_per_forward:
-            xyz = torch.cat([xyz, xyz.new_zeros(points_per_forward - n, 3)])
-            index = torch.cat([index, index.new_zeros(points_per_forward - n)])
-        with decoding_context(decoder, precision, points_P3.device):
-            if indexed:
-                values = decoder(codes_BL, xyz, code_index=index)
-            else:
-                values = decoder(codes_BL[index], xyz)
-        # A CUDA-graphed decoder (compile mode reduce-overhead) overwrites its output on the next call.
-        values = values.float()[:n]
-        out.append(values.clone() if pad else values)
-    if not out:
-        return torch.zeros(0, device=points_P3.device)
-    return torch.cat(out)
+
+    def call(start: int, size: int) -> torch.Tensor:
+        xyz = _pad_rows(points_P3[start:start + size], size)
+        index = _pad_rows(index_P[start:start + size], size)
+        return decoder(codes_BL, xyz, code_index=index) if indexed else decoder(codes_BL[index], xyz)
+
+    out = _in_chunks(decoder, precision, points_P3.device, points_P3.shape[0], points_per_forward, pad, call)
+    return torch.cat(out) if out else torch.zeros(0, device=points_P3.device)
+
+
+def decode_points(decoder: nn.Module, codes_BL: torch.Tensor, index_P: torch.Tensor, points_P3: torch.Tensor,
+                  precision: str, points_per_forward: int, pad: bool = False,
+                  per_shape: bool | None = None) -> torch.Tensor:
+    """``[P]`` fp32: the points of several shapes, point p with code ``codes_BL[index_P[p]]``, each shape's points
+    consecutive, as the grid decoding decodes them. On a GPU all in shared calls with a code index
+    (:func:`decode_indexed`). ``per_shape`` (the default on CPUs): shape by shape, each shape's code shared by its
+    points (:func:`decode_shared`), in chunks of a quarter call when padded (the padding of each shape's last chunk
+    stays small); eager on a CPU, gathering the code term per point cost more (12.6 s against 15.0 s for 8 shapes at
+    96^3) than the host syncs it saves."""
+    if per_shape is None:
+        per_shape = points_P3.device.type != "cuda"
+    if not per_shape:
+        return decode_indexed(decoder, codes_BL, index_P, points_P3, precision, points_per_forward, pad)
+    chunk = max(1024, points_per_forward // 4) if pad else points_per_forward
+    shapes, counts = torch.unique_consecutive(index_P, return_counts=True)
+    out, start = [], 0
+    for b, count in zip(shapes.tolist(), counts.tolist()):
+        out.append(decode_shared(decoder, codes_BL[b:b + 1], points_P3[start:start + count], precision, chunk, pad)[0])
+        start += count
+    return torch.cat(out) if out else torch.zeros(0, device=points_P3.device)
 
 
 def _blocks_to_refine(v: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -175,8 +199,7 @@ def decode_sparse_grids(decoder: nn.Module, codes_BL: torch.Tensor, spec: GridSp
     On a GPU the levels go group by group (:data:`GROUP_POINTS`), each level's points of a group's shapes in shared
     decoder calls with a code index: a few calls and host syncs per level, not per shape (on an H200, 1,000 shapes
     in 179 s instead of 186: docs/performance.md, session 11). ``per_shape`` (the default on CPUs): one shape at a
-    time, its code shared by all its points; eager on a CPU, gathering the code term per point cost more (12.6 s
-    against 15.0 s for 8 shapes at 96^3) than the syncs it saves.
+    time (:func:`decode_points`).
 
     ``static_batch`` (a compiled decoder): the decoder always sees this many codes (the extra ones repeat the
     first) and full chunks, so it sees two input shapes in all (the coarse pass, the level passes).
@@ -196,15 +219,11 @@ def decode_sparse_grids(decoder: nn.Module, codes_BL: torch.Tensor, spec: GridSp
     if per_shape is None:
         per_shape = device.type != "cuda"
     group = 1 if per_shape else max(1, GROUP_POINTS // spec.resolution ** 3)
-    # One shape's passes in chunks of a quarter call when padded: the padding of each pass's last chunk stays small.
-    shape_chunk = max(1024, points_per_forward // 4) if pad else points_per_forward
     grids = []
     for g0 in range(0, B, group):
 
         def decode(index: torch.Tensor, points: torch.Tensor, g0: int = g0) -> torch.Tensor:
-            if per_shape:
-                return decode_shared(decoder, codes_BL[g0:g0 + 1], points, precision, shape_chunk, pad)[0]
-            return decode_indexed(decoder, all_codes, index + g0, points, precision, points_per_forward, pad)
+            return decode_points(decoder, all_codes, index + g0, points, precision, points_per_forward, pad, per_shape)
 
         blocks, num_mid = _plan_levels(spec, coarse[g0:g0 + group], axis, decode)
         fine_index, fine_pts = _fine_points(spec, blocks, axis)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdf_ray.model import DeepSDFDecoder, point_term
+from sdf_ray.model import DeepSDFDecoder, check_inputs, point_term
 
 
 def autocast_off(device_type: str) -> Any:
@@ -95,12 +95,7 @@ class FrozenDecoder(nn.Module):
         """(values in fp32, shaped like the broadcast of ``latent[..., 0]`` and ``xyz[..., 0]``, or like
         ``code_index`` (codes ``[B, L]``, points ``[P, 3]``, point p decoded with code ``code_index[p]``); the
         hidden activations ``[rows, width]`` that :meth:`code_gradient` needs, if ``keep``)."""
-        if latent.shape[-1] != self.latent_size or xyz.shape[-1] != 3:
-            raise ValueError(f"expected latent [..., {self.latent_size}] and xyz [..., 3], "
-                             f"got {tuple(latent.shape)} and {tuple(xyz.shape)}")
-        if code_index is not None and (latent.dim() != 2 or code_index.shape != xyz.shape[:-1] or xyz.dim() != 2):
-            raise ValueError(f"code_index: expected codes [B, {self.latent_size}], points [P, 3] and an index [P], "
-                             f"got {tuple(latent.shape)}, {tuple(xyz.shape)} and {tuple(code_index.shape)}")
+        check_inputs(self.latent_size, latent, xyz, code_index)
         hs: list[torch.Tensor] = []
         h: torch.Tensor | None = None
         shape: tuple[int, ...] = ()
