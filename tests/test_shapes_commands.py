@@ -412,3 +412,210 @@ def test_a_failed_shutdown_in_the_background_is_one_warning_line(monkeypatch, ca
     thread.join()
     assert seen == []
     assert [r.getMessage() for r in caplog.records] == ["warning: Ray did not shut down cleanly: raylet gone"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The picture: its shapes go first, and it is drawn in the background as soon as they are done
+
+
+def _scene(i: int, name: str) -> SceneInfo:
+    return SceneInfo(i, name, {"offset": [0, 0, 0], "scale": 1.0}, False)
+
+
+def test_the_picture_shows_up_to_16_shapes_evenly_spread_in_name_order():
+    from sdf_ray.shapes.commands import sheet_picks
+
+    assert sheet_picks([]) == []
+    assert sheet_picks(["a"]) == [0]
+    assert sheet_picks(["e", "b", "d", "a", "c"]) == [3, 1, 4, 2, 0]  # a b c d e
+    sixteen = [f"s{k:02d}" for k in (5, 0, 15, 3, 9, 1, 14, 2, 4, 12, 6, 7, 13, 8, 10, 11)]
+    assert sheet_picks(sixteen) == [sixteen.index(f"s{k:02d}") for k in range(16)]
+    forty = [f"s{k:02d}" for k in np.random.default_rng(0).permutation(40)]
+    # np.linspace(0, 39, 16) = 0, 2.6, 5.2, 7.8, ... 36.4, 39, rounded
+    spread = [0, 3, 5, 8, 10, 13, 16, 18, 21, 23, 26, 29, 31, 34, 36, 39]
+    assert sheet_picks(forty) == [forty.index(f"s{k:02d}") for k in spread]
+    assert sheet_picks(forty, max_entries=2) == [forty.index("s00"), forty.index("s39")]
+
+
+def test_the_pictures_shapes_go_first_and_every_shape_once(tmp_path):
+    """Picked among all the job's shapes (done ones included, so a resumed run draws the same picture); the todo
+    list keeps every other shape, in its order."""
+    from sdf_ray.shapes.commands import _picks_first, _sheet_first, sheet_picks
+    from sdf_ray.shapes.work import failed_row
+
+    assert _picks_first([0, 2, 3, 5, 7, 8], [8, 3, 1]) == [3, 8, 0, 2, 5, 7]
+    names = [f"s{k:02d}" for k in np.random.default_rng(1).permutation(40)]
+    scenes = [_scene(i, n) for i, n in enumerate(names)]
+    picks = sheet_picks(names)
+    done_positions = [picks[0], picks[5], 7, 11]
+    todo = [j for j in range(40) if j not in done_positions]
+    done = [failed_row(scenes[j], "earlier") for j in done_positions]
+    first, sheet = _sheet_first(tmp_path, scenes, done, todo, None)
+    picked_to_do = [j for j in todo if j in picks]
+    assert first[:len(picked_to_do)] == picked_to_do
+    assert first[len(picked_to_do):] == [j for j in todo if j not in picks]
+    assert sorted(first) == todo
+    assert sheet.join() is None  # not every picked shape is done: nothing drawn
+
+
+def test_the_picture_is_drawn_in_the_background_once_its_shapes_are_done(tmp_path):
+    import threading
+
+    from sdf_ray.shapes.commands import SheetInBackground
+
+    started, release = threading.Event(), threading.Event()
+    calls: list[tuple[str, list[str]]] = []
+
+    def draw(picked: list[dict]) -> object:
+        calls.append((threading.current_thread().name, [r["scene"] for r in picked]))
+        started.set()
+        assert release.wait(timeout=10)
+        return tmp_path / "reconstructions.png"
+
+    def drawing() -> bool:  # a thread started too early would still be here, waiting for release
+        return any(t.name == "contact-sheet" for t in threading.enumerate())
+
+    sheet = SheetInBackground(["a", "c", "e"], draw)
+    for name in ("e", "b", "a", "d"):
+        sheet.add({"scene": name, "status": "ok"})
+        assert not drawing() and not calls
+    sheet.add({"scene": "c", "status": "ok"})
+    assert started.wait(timeout=10)
+    sheet.add({"scene": "f", "status": "ok"})
+    sheet.add({"scene": "a", "status": "ok"})
+    release.set()
+    assert sheet.join() == tmp_path / "reconstructions.png"
+    assert calls == [("contact-sheet", ["a", "c", "e"])]  # once, in the picture's order
+    assert not drawing()
+
+
+def test_the_picture_drawn_in_the_background_equals_the_one_drawn_at_the_end(worked, monkeypatch):
+    """Same entries (meshes, ground truth, Chamfer, status) and title, whichever order the records come in and
+    whichever were done in an earlier run."""
+    from sdf_ray import plots
+    from sdf_ray.shapes import commands
+    from sdf_ray.shapes.work import failed_row
+
+    out, job, real_scenes, _, real_rows = worked
+    fake = [_scene(10 + k, f"a-{k:02d}") for k in range(18)]  # sort before sphere-0, sphere-1
+    scenes = [fake[5], real_scenes[1], *fake[:5], real_scenes[0], *fake[6:]]
+    rows_by_name = {s.name: failed_row(s, "error: lost") for s in fake} | {
+        s.name: r for s, r in zip(real_scenes, real_rows)}
+    drawn: list[tuple[list[plots.SheetEntry], str]] = []
+
+    def contact_sheet(entries, out_path, *, title=None, **kwargs):
+        drawn.append((list(entries), title))
+        return out_path
+
+    monkeypatch.setattr(plots, "contact_sheet", contact_sheet)
+    done = [rows_by_name[s.name] for s in scenes[:4]]
+    todo, sheet = commands._sheet_first(out, scenes, done, list(range(4, len(scenes))), job.data_path)
+    for j in todo:
+        sheet.add(rows_by_name[scenes[j].name])
+    assert sheet.join() == out / "reconstructions.png"
+    assert commands._contact_sheet(out, list(rows_by_name.values()), job.data_path) == out / "reconstructions.png"
+    (background, title), (at_end, end_title) = drawn
+    assert title == end_title == "16 of 20 shapes (normalised frame)"
+    assert [e.name for e in background] == [e.name for e in at_end]
+    assert {"sphere-0", "sphere-1"} <= {e.name for e in at_end}
+    for a, b in zip(background, at_end):
+        for field in dataclasses.fields(a):
+            x, y = getattr(a, field.name), getattr(b, field.name)
+            assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y, field.name
+    meshed = [e for e in at_end if e.vertices is not None]
+    assert len(meshed) == 2 and all(e.gt_points is not None and e.chamfer for e in meshed)
+
+
+def _finish_once(tmp_path, sheet, capsys) -> str:
+    from sdf_ray.shapes import commands
+    from sdf_ray.shapes.work import failed_row
+
+    commands._finish(tmp_path, "reconstruct", [failed_row(_scene(0, "a"), "error: x")], 0.0, 1, {}, None, None, sheet)
+    return capsys.readouterr().out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("background", ["drawn", "failed", "never started", "none"])
+def test_finish_draws_the_picture_when_the_background_one_failed_or_did_not_run(background, tmp_path, monkeypatch,
+                                                                              capsys):
+    from sdf_ray.shapes import commands
+
+    def draw(picked: list[dict]) -> object:
+        if background == "failed":
+            raise OSError("disk full")
+        return tmp_path / "background.png"
+
+    at_end: list[int] = []
+    monkeypatch.setattr(commands, "_contact_sheet", lambda out, rows, data: at_end.append(len(rows)) or out / "end.png")
+    sheet = None if background == "none" else commands.SheetInBackground(["a"], draw)
+    if background in ("drawn", "failed"):
+        sheet.add({"scene": "a", "status": "failed"})
+    last = _finish_once(tmp_path, sheet, capsys)
+    if background == "drawn":
+        assert at_end == [] and last.endswith("picture " + str(tmp_path / "background.png"))
+    else:
+        assert at_end == [1] and last.endswith("picture " + str(tmp_path / "end.png"))
+
+
+def test_a_picture_that_cannot_be_drawn_is_one_warning_line(tmp_path, monkeypatch, capsys, caplog):
+    from sdf_ray.shapes import commands
+
+    def broken(*args) -> object:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(commands, "_draw_sheet", broken)
+    seen: list[object] = []
+    monkeypatch.setattr("threading.excepthook", seen.append)
+    sheet = commands.SheetInBackground(["a"], broken)
+    sheet.add({"scene": "a", "status": "failed"})
+    assert _finish_once(tmp_path, sheet, capsys) == f"reconstruct: results in {tmp_path}"
+    assert seen == []
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "could not draw reconstructions.png: disk full"]
+    assert (tmp_path / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_run_does_the_pictures_shapes_first_and_draws_it_while_the_others_go_on(interrupted, tmp_path, monkeypatch):
+    """``mesh`` mode (codes follow their shapes); the picture is drawn once, in the background, while the shapes
+    after its own are still to come; on Ctrl-C the drawing thread is joined before ``_run`` returns."""
+    import threading
+
+    from sdf_ray.shapes import commands, pipeline
+    from sdf_ray.shapes.work import failed_row
+
+    names = [f"s{k:02d}" for k in np.random.default_rng(2).permutation(20)]
+    scenes = [_scene(i, n) for i, n in enumerate(names)]
+    codes = np.arange(20, dtype=np.float32)[:, None]
+    picked = {names[j] for j in commands.sheet_picks(names)}
+    drawing = threading.Event()
+    draws: list[tuple[str, list[str], int]] = []
+
+    def draw_sheet(out_dir, rows, total, data_path) -> object:
+        draws.append((threading.current_thread().name, [r["scene"] for r in rows], total))
+        drawing.set()
+        return out_dir / "reconstructions.png"
+
+    def run_shapes(job, todo_scenes, payload, todo_codes, on_row, clock):
+        assert {s.name for s in todo_scenes[:16]} == picked and len(todo_scenes) == 20
+        np.testing.assert_array_equal(todo_codes[:, 0], [s.scene_id for s in todo_scenes])
+        rows = []
+        for k, scene in enumerate(todo_scenes):
+            if k == 16:
+                assert drawing.wait(timeout=10)  # the last 4 shapes are still to come
+                if interrupted:
+                    raise KeyboardInterrupt
+            rows.append(failed_row(scene, "error: x"))
+            on_row(rows[-1])
+        return rows
+
+    monkeypatch.setattr(commands, "_draw_sheet", draw_sheet)
+    monkeypatch.setattr(commands, "_connect", lambda address: "existing Ray session")
+    monkeypatch.setattr(pipeline, "run_shapes", run_shapes)
+    job = Job("mesh", str(tmp_path), None, ReconstructConfig(), 0.1, 8)
+    if interrupted:
+        with pytest.raises(KeyboardInterrupt):
+            commands._run("mesh", job, scenes, {}, codes, None, {})
+    else:
+        assert commands._run("mesh", job, scenes, {}, codes, None, {}) == 1  # every shape failed
+    assert draws == [("contact-sheet", sorted(picked), 20)]
+    assert not any(t.name == "contact-sheet" for t in threading.enumerate())

@@ -12,7 +12,7 @@ import difflib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,8 @@ MESH_SUFFIXES = (".ply", ".obj", ".off", ".stl")
 # job may change them.
 _DISTRIBUTION_KEYS = ("device", "num_workers", "cpus_per_worker", "cpus_per_mesh_task", "max_pending_shapes",
                       "shapes_per_batch", "points_per_forward")
+SHEET_ENTRIES = 16
+"""Shapes in ``DIR/reconstructions.png`` at most."""
 
 
 def register(subparsers: Any) -> None:
@@ -128,45 +130,102 @@ def _job_record(command: str, cfg: Any, **fields: Any) -> dict[str, Any]:
     return {"command": command, **fields, "reconstruct": settings}
 
 
-def _contact_sheet(out_dir: Path, rows: Sequence[dict[str, Any]], data_path: str | None,
-                   max_entries: int = 16) -> Path | None:
-    """``DIR/reconstructions.png``: up to ``max_entries`` shapes (evenly spread in name order) rendered next to
-    their ground truth, in the normalised frame (``sdf_ray.plots.contact_sheet``)."""
+def sheet_picks(names: Sequence[str], max_entries: int = SHEET_ENTRIES) -> list[int]:
+    """Positions in ``names`` of the shapes ``DIR/reconstructions.png`` shows: up to ``max_entries`` evenly spread
+    in name order, listed in that order."""
+    order = sorted(range(len(names)), key=names.__getitem__)
+    if not order:
+        return []
+    spread = np.linspace(0, len(order) - 1, min(max_entries, len(order))).round()
+    return [order[i] for i in sorted({int(i) for i in spread})]
+
+
+def _draw_sheet(out_dir: Path, picked: Sequence[dict[str, Any]], total: int, data_path: str | None) -> Path:
+    """The records ``picked`` of a job of ``total`` shapes rendered next to their ground truth, in the normalised
+    frame (``sdf_ray.plots.contact_sheet``), into ``DIR/reconstructions.png``; raises when it cannot."""
     from sdf_ray.data.format import to_normalized
     from sdf_ray.plots import SheetEntry, contact_sheet
     from sdf_ray.shapes.ground_truth import load_ground_truth
     from sdf_ray.shapes.meshing import read_mesh
     from sdf_ray.shapes.outputs import PICTURE_FILE
 
-    ordered = sorted(rows, key=lambda r: r["scene"])
-    if not ordered:
-        return None
-    picks = sorted({int(i) for i in np.linspace(0, len(ordered) - 1, min(max_entries, len(ordered))).round()})
     entries = []
+    for row in picked:
+        verts = faces = gt_points = None
+        if row.get("status") == "ok" and row.get("mesh"):
+            mesh = read_mesh(out_dir / row["mesh"])
+            verts, faces = mesh.verts_V3, mesh.faces_F3
+        if data_path and row.get("has_ground_truth"):
+            gt = load_ground_truth(data_path, int(row["scene_id"]), {"offset": [0, 0, 0], "scale": 1.0})
+            gt_points = None if gt is None else to_normalized(gt.points_M3, gt.normalization)
+        chamfer = row.get("chamfer_l2")
+        status = row.get("status", "")
+        entries.append(SheetEntry(name=row["scene"], vertices=verts, faces=faces, gt_points=gt_points,
+                                  chamfer=chamfer if isinstance(chamfer, float) and np.isfinite(chamfer) else None,
+                                  status="" if status == "ok" else f"{status}: {row.get('reason', '')}"))
+    return contact_sheet(entries, out_dir / PICTURE_FILE, title=f"{len(entries)} of {total} shapes (normalised frame)")
+
+
+def _contact_sheet(out_dir: Path, rows: Sequence[dict[str, Any]], data_path: str | None) -> Path | None:
+    """``DIR/reconstructions.png`` of ``rows`` (the whole job's records, :func:`sheet_picks`); a failure is one
+    warning line."""
+    from sdf_ray.shapes.outputs import PICTURE_FILE
+
+    picked = [rows[i] for i in sheet_picks([r["scene"] for r in rows])]
+    if not picked:
+        return None
     try:
-        for row in (ordered[i] for i in picks):
-            verts = faces = gt_points = None
-            if row.get("status") == "ok" and row.get("mesh"):
-                mesh = read_mesh(out_dir / row["mesh"])
-                verts, faces = mesh.verts_V3, mesh.faces_F3
-            if data_path and row.get("has_ground_truth"):
-                gt = load_ground_truth(data_path, int(row["scene_id"]), {"offset": [0, 0, 0], "scale": 1.0})
-                gt_points = None if gt is None else to_normalized(gt.points_M3, gt.normalization)
-            chamfer = row.get("chamfer_l2")
-            status = row.get("status", "")
-            entries.append(SheetEntry(name=row["scene"], vertices=verts, faces=faces, gt_points=gt_points,
-                                      chamfer=chamfer if isinstance(chamfer, float) and np.isfinite(chamfer) else None,
-                                      status="" if status == "ok" else f"{status}: {row.get('reason', '')}"))
-        return contact_sheet(entries, out_dir / PICTURE_FILE,
-                             title=f"{len(entries)} of {len(ordered)} shapes (normalised frame)")
+        return _draw_sheet(out_dir, picked, len(rows), data_path)
     except Exception as exc:  # the picture is a convenience: never lose the run's results over it
         log.warning("could not draw %s: %s", PICTURE_FILE, exc)
         return None
 
 
+class SheetInBackground:
+    """Draws the contact sheet in a thread of the driver as soon as each of its shapes has its final record, while
+    the others go on: the picture takes seconds, which otherwise follow the last shape."""
+
+    def __init__(self, picked: Sequence[str], draw: Callable[[list[dict[str, Any]]], Path]) -> None:
+        self._picked = list(picked)
+        self._rows: dict[str, dict[str, Any]] = {}
+        self._draw = draw
+        self._thread: threading.Thread | None = None
+        self._picture: Path | None = None
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Take one shape's final record; the last of the picked ones starts the drawing."""
+        if self._thread is not None or row["scene"] not in self._picked:
+            return
+        self._rows[row["scene"]] = row
+        if len(self._rows) < len(self._picked):
+            return
+        thread = threading.Thread(target=self._draw_in_thread, args=([self._rows[n] for n in self._picked],),
+                                  name="contact-sheet")
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no thread to be had: the picture is drawn at the end instead
+            log.debug("contact sheet not drawn in the background: %s", exc)
+            return
+        self._thread = thread
+
+    def _draw_in_thread(self, picked: list[dict[str, Any]]) -> None:
+        try:
+            self._picture = self._draw(picked)
+        except Exception as exc:  # drawn again at the end, where a failure is the warning line
+            log.debug("contact sheet in the background failed: %s", exc)
+
+    def join(self) -> Path | None:
+        """The picture, once drawn; None when the drawing failed or never started."""
+        if self._thread is not None:
+            self._thread.join()
+        return self._picture
+
+
 def _finish(out_dir: Path, verb: str, rows: list[dict[str, Any]], started: float, new: int,
-            extra: dict[str, Any], data_path: str | None, clock: StartupClock | None = None) -> int:
-    """Tables, summary (with the start-up breakdown of ``clock``, when this run did shapes) and the picture."""
+            extra: dict[str, Any], data_path: str | None, clock: StartupClock | None = None,
+            sheet: SheetInBackground | None = None) -> int:
+    """Tables, summary (with the start-up breakdown of ``clock``, when this run did shapes) and the picture (the one
+    ``sheet`` drew, else drawn here)."""
     from sdf_ray.fsutil import write_json_atomic
     from sdf_ray.shapes.outputs import SUMMARY_FILE, summarise, summary_lines, write_tables
     from sdf_ray.startup import SHAPES, format_breakdown
@@ -175,7 +234,9 @@ def _finish(out_dir: Path, verb: str, rows: list[dict[str, Any]], started: float
     if clock is None:  # nothing was done this time: keep the breakdown of the run that did the shapes
         summary.update(_startup_fields(out_dir / SUMMARY_FILE))
     write_tables(out_dir, rows, summary)  # first: the picture takes seconds, and Ctrl-C then loses no table
-    picture = _contact_sheet(out_dir, rows, data_path)
+    picture = sheet.join() if sheet is not None else None
+    if picture is None:
+        picture = _contact_sheet(out_dir, rows, data_path)
     if clock is not None:
         clock.mark("finished")
         summary.update(clock.summary_fields())
@@ -216,6 +277,24 @@ def _resume(out_dir: Path, scenes: Sequence[Any]) -> tuple[list[dict[str, Any]],
     return done, todo
 
 
+def _picks_first(todo: Sequence[int], picks: Sequence[int]) -> list[int]:
+    """``todo`` with the positions in ``picks`` moved to the front, each order kept."""
+    first = set(picks)
+    return [j for j in todo if j in first] + [j for j in todo if j not in first]
+
+
+def _sheet_first(out_dir: Path, scenes: Sequence[Any], done: Sequence[dict[str, Any]], todo: Sequence[int],
+                 data_path: str | None) -> tuple[list[int], SheetInBackground]:
+    """``todo`` with the picture's shapes first (picked among all ``scenes``, done ones included: a resumed run
+    draws the same picture), and the :class:`SheetInBackground` that draws it once they are done."""
+    picks = sheet_picks([s.name for s in scenes])
+    sheet = SheetInBackground([scenes[j].name for j in picks],
+                              lambda picked: _draw_sheet(out_dir, picked, len(scenes), data_path))
+    for row in done:
+        sheet.add(row)
+    return _picks_first(todo, picks), sheet
+
+
 def _run(verb: str, job: Any, scenes: list[Any], payload: dict[str, Any], codes: np.ndarray | None,
          address: str | None, extra: dict[str, Any]) -> int:
     from sdf_ray.shapes.pipeline import Progress, run_shapes
@@ -229,30 +308,35 @@ def _run(verb: str, job: Any, scenes: list[Any], payload: dict[str, Any], codes:
     rows = list(done)
     clock = None
     shutdown: threading.Thread | None = None
-    if todo:
-        clock = StartupClock(timeline=SHAPES)
-        clock.mark("checked")
-        where = _connect(address)
-        clock.mark("ray_connected")
-        print(f"sdf-ray {verb}: {len(todo)} shapes on {where}", flush=True)
-        progress = Progress(verb, len(todo))
-
-        def on_row(row: dict[str, Any], clock: StartupClock = clock) -> None:
-            clock.mark("first_shape_done", keep_first=True)
-            clock.mark("last_shape_done")
-            progress.update(row["status"])
-
-        todo_scenes = [scenes[j] for j in todo]
-        todo_codes = None if codes is None else codes[todo]
-        rows += run_shapes(job, todo_scenes, payload, todo_codes, on_row=on_row, clock=clock)
-        from sdf_ray.ray_session import disconnect_in_background
-
-        shutdown = disconnect_in_background(where)  # every shape is written: Ray stops while the picture is drawn
+    sheet: SheetInBackground | None = None
     try:
-        return _finish(out_dir, verb, rows, started, len(todo), extra, job.data_path, clock)
+        if todo:
+            todo, sheet = _sheet_first(out_dir, scenes, done, todo, job.data_path)
+            clock = StartupClock(timeline=SHAPES)
+            clock.mark("checked")
+            where = _connect(address)
+            clock.mark("ray_connected")
+            print(f"sdf-ray {verb}: {len(todo)} shapes on {where}", flush=True)
+            progress = Progress(verb, len(todo))
+
+            def on_row(row: dict[str, Any], clock: StartupClock = clock, sheet: SheetInBackground = sheet) -> None:
+                clock.mark("first_shape_done", keep_first=True)
+                clock.mark("last_shape_done")
+                progress.update(row["status"])
+                sheet.add(row)
+
+            todo_scenes = [scenes[j] for j in todo]
+            todo_codes = None if codes is None else codes[todo]
+            rows += run_shapes(job, todo_scenes, payload, todo_codes, on_row=on_row, clock=clock)
+            from sdf_ray.ray_session import disconnect_in_background
+
+            shutdown = disconnect_in_background(where)  # every shape is written: Ray stops meanwhile
+        return _finish(out_dir, verb, rows, started, len(todo), extra, job.data_path, clock, sheet)
     finally:
         if shutdown is not None:
             shutdown.join()
+        if sheet is not None:
+            sheet.join()
 
 
 # --------------------------------------------------------------------------------------------------
