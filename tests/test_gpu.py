@@ -183,6 +183,53 @@ def test_hand_written_code_gradient_matches_autograd_on_cuda():
     assert (cos > 0.98).all(), cos
 
 
+@pytest.mark.parametrize("rows, n, k", [(4096, 512, 512), (4096, 512, 256), (4096, 256, 512), (1000, 200, 96)])
+def test_the_fused_relu_backward_kernel_is_the_gemm_then_the_mask_on_cuda(rows, n, k):
+    """The Triton kernel (the decoder's three backward shapes, and ragged edges) against float64 and torch's ops."""
+    from sdf_ray.shapes import fused_backward as fb
+
+    if not fb.available(CUDA, torch.bfloat16):
+        pytest.skip("the fused kernel needs Triton and an sm90+ GPU")
+    torch.manual_seed(0)
+    g = torch.randn(rows, n, device=CUDA).bfloat16()
+    w = (torch.randn(n, k, device=CUDA) / n ** 0.5).bfloat16()
+    h = torch.relu(torch.randn(rows, k, device=CUDA)).bfloat16()  # about half exactly zero
+    assert fb.fits(g, w, h)
+    got = fb.mm_relu_grad(g, w, h)
+    assert not fb._failed, fb._failed
+    want = (g.double() @ w.double()) * (h > 0)
+    assert (got[h == 0] == 0).all()
+    scale = want.abs().max().item()
+    # fp32 accumulation rounded once to bf16 (8 bits): the error of torch's GEMM, not more
+    torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=1e-3 * scale)
+    torch.testing.assert_close(got, torch.ops.aten.threshold_backward(torch.mm(g, w), h, 0), rtol=2 ** -7,
+                               atol=2e-3 * scale)
+
+
+def test_the_fused_backward_code_gradient_equals_the_unfused_one_on_cuda():
+    """The reconstruction step's code gradient through the fused kernel, eager and compiled, against the same
+    decoder's GEMM-then-mask backward."""
+    from sdf_ray.model import DeepSDFDecoder
+    from sdf_ray.shapes.frozen_decoder import FrozenDecoder, clamped_l1_and_code_gradient
+    from sdf_ray.shapes.reconstruct import freeze
+
+    torch.manual_seed(0)
+    decoder = freeze(DeepSDFDecoder(C.TrainConfig().model).to(CUDA))
+    fused = FrozenDecoder(decoder, torch.bfloat16)
+    if not fused.fused_backward:
+        pytest.skip("the fused kernel needs Triton and an sm90+ GPU")
+    plain = FrozenDecoder(decoder, torch.bfloat16, fused=False)
+    z = torch.randn(8, 256, device=CUDA) * 0.01
+    xyz = torch.rand(8, 2048, 3, device=CUDA) * 2 - 1
+    sdf = (xyz.norm(dim=-1) - 0.5).clamp(-0.1, 0.1)
+    want_loss, want = clamped_l1_and_code_gradient(plain, z, xyz, sdf, 0.1, 1e-4)
+    step = torch.compile(clamped_l1_and_code_gradient, dynamic=False)
+    for loss, grad in (clamped_l1_and_code_gradient(fused, z, xyz, sdf, 0.1, 1e-4),
+                       step(fused, z, xyz, sdf, 0.1, 1e-4)):
+        torch.testing.assert_close(loss, want_loss, rtol=1e-2, atol=1e-4)
+        torch.testing.assert_close(grad, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("compile_", [False, True])
 def test_grids_of_a_batch_equal_each_shape_decoded_alone_on_cuda(tmp_path_factory, compile_):
     """Grid decoding plans and decodes a batch's shapes together (shared decoder calls, a code index): on the GPU,
