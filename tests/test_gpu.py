@@ -224,8 +224,11 @@ def test_the_fused_backward_code_gradient_equals_the_unfused_one_on_cuda():
     sdf = (xyz.norm(dim=-1) - 0.5).clamp(-0.1, 0.1)
     want_loss, want = clamped_l1_and_code_gradient(plain, z, xyz, sdf, 0.1, 1e-4)
     step = torch.compile(clamped_l1_and_code_gradient, dynamic=False)
+    from sdf_ray.shapes import fused_backward as fb
+
     for loss, grad in (clamped_l1_and_code_gradient(fused, z, xyz, sdf, 0.1, 1e-4),
                        step(fused, z, xyz, sdf, 0.1, 1e-4)):
+        assert not fb._failed, fb._failed
         torch.testing.assert_close(loss, want_loss, rtol=1e-2, atol=1e-4)
         torch.testing.assert_close(grad, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 

@@ -32,8 +32,8 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 log = logging.getLogger(__name__)
 
-_failed: list[str] = []
-"""The first failure of the kernel in this process, if any: from then on, torch's ops."""
+_failed: dict[tuple[int, int], str] = {}
+"""(N, K) -> why the kernel failed for that shape in this process: from then on, torch's ops for it."""
 
 
 @functools.cache
@@ -42,9 +42,9 @@ def _capability(device: int) -> tuple[int, int]:
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the fused kernel serves this device and dtype: a CUDA device with TMA (sm90+), bf16/fp16, Triton,
-    and no failure of the kernel in this process."""
-    if triton is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or _failed:
+    """Whether the fused kernel serves this device and dtype: a CUDA device with TMA (sm90+), bf16/fp16, and
+    Triton."""
+    if triton is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _capability(index) >= (9, 0)
@@ -57,8 +57,8 @@ kernel's warps and pipeline stages."""
 
 @dataclass(frozen=True)
 class Plan:
-    """How to run one GEMM shape. ``pointer_epilogue``: the masked tile is stored through pointers (full tiles
-    only) rather than TMA, which frees shared memory for a fourth pipeline stage; ``flatten`` and
+    """How to run one GEMM shape. ``pointer_epilogue``: the activation's tile is loaded, and the masked tile
+    stored, through pointers rather than TMA, which frees shared memory for a fourth pipeline stage; ``flatten`` and
     ``warp_specialize``: Triton's loop options for the persistent tile loop."""
 
     tiles: Tiles
@@ -81,7 +81,7 @@ DEFAULT_PLAN = Plan((128, 256, 64, 8, 3))
 if triton is not None:
 
     @triton.jit
-    def _mm_relu_grad_kernel(g_desc, w_desc, h_desc, out_desc, out_ptr, M, N, K, stride_o,
+    def _mm_relu_grad_kernel(g_desc, w_desc, h_desc, out_desc, h_ptr, out_ptr, M, N, K, stride_h, stride_o,
                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                              NUM_PROGRAMS: tl.constexpr, POINTER_EPILOGUE: tl.constexpr, FLATTEN: tl.constexpr,
                              WARP_SPECIALIZE: tl.constexpr):
@@ -97,14 +97,16 @@ if triton is not None:
             acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
             for n0 in tl.range(0, N, BLOCK_N):
                 acc = tl.dot(g_desc.load([off_m, n0]), w_desc.load([n0, off_k]), acc)
-            h = h_desc.load([off_m, off_k])
-            masked = tl.where(h > 0, acc, 0.0).to(h.dtype)
             if POINTER_EPILOGUE:
                 rows = off_m + tl.arange(0, BLOCK_M)
                 cols = off_k + tl.arange(0, BLOCK_K)
-                tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :], masked)
+                inside = (rows[:, None] < M) & (cols[None, :] < K)
+                h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + cols[None, :], mask=inside, other=0.0)
+                masked = tl.where(h > 0, acc, 0.0).to(h.dtype)
+                tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :], masked, mask=inside)
             else:
-                out_desc.store([off_m, off_k], masked)
+                h = h_desc.load([off_m, off_k])
+                out_desc.store([off_m, off_k], tl.where(h > 0, acc, 0.0).to(h.dtype))
 
 
 def fits(g_MN: torch.Tensor, w_NK: torch.Tensor, h_MK: torch.Tensor) -> bool:
@@ -125,15 +127,15 @@ def launch(g_MN: torch.Tensor, w_NK: torch.Tensor, h_MK: torch.Tensor, out_MK: t
     K = w_NK.shape[1]
     plan = plan or PLANS.get((N, K), DEFAULT_PLAN)
     block_m, block_k, block_n, warps, stages = plan.tiles
-    pointer_epilogue = plan.pointer_epilogue and M % block_m == 0 and K % block_k == 0
     descs = (TensorDescriptor.from_tensor(g_MN, [block_m, block_n]),
              TensorDescriptor.from_tensor(w_NK, [block_n, block_k]),
              TensorDescriptor.from_tensor(h_MK, [block_m, block_k]),
              TensorDescriptor.from_tensor(out_MK, [block_m, block_k]))
     num_tiles = triton.cdiv(M, block_m) * triton.cdiv(K, block_k)
     programs = min(torch.cuda.get_device_properties(g_MN.device).multi_processor_count, num_tiles)
-    _mm_relu_grad_kernel[(programs,)](*descs, out_MK, M, N, K, out_MK.stride(0), BLOCK_M=block_m, BLOCK_K=block_k,
-                                      BLOCK_N=block_n, NUM_PROGRAMS=programs, POINTER_EPILOGUE=pointer_epilogue,
+    _mm_relu_grad_kernel[(programs,)](*descs, h_MK, out_MK, M, N, K, h_MK.stride(0), out_MK.stride(0),
+                                      BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, NUM_PROGRAMS=programs,
+                                      POINTER_EPILOGUE=plan.pointer_epilogue,
                                       FLATTEN=plan.flatten, WARP_SPECIALIZE=plan.warp_specialize,
                                       num_warps=warps, num_stages=stages)
 
@@ -147,15 +149,17 @@ def mm_relu_grad(g_MN: torch.Tensor, w_NK: torch.Tensor, h_MK: torch.Tensor) -> 
     """``(g @ w) * (h > 0)``: the gradient at a ReLU layer's output ``h`` ``[M, K]`` from the gradient ``g``
     ``[M, N]`` at the next layer's pre-activation, ``w`` ``[N, K]`` that layer's weight. One fused kernel where
     :func:`available` and :func:`fits`; torch's GEMM and mask kernel elsewhere (the same values)."""
-    if not (available(g_MN.device, g_MN.dtype) and fits(g_MN, w_NK, h_MK)):
+    shape = (g_MN.shape[1], w_NK.shape[1])
+    if shape in _failed or not (available(g_MN.device, g_MN.dtype) and fits(g_MN, w_NK, h_MK)):
         return _torch_ops(g_MN, w_NK, h_MK)
     out = torch.empty(g_MN.shape[0], w_NK.shape[1], dtype=g_MN.dtype, device=g_MN.device)
     try:
         launch(g_MN, w_NK, h_MK, out)
-    except Exception as exc:  # a Triton that cannot build it here: torch's ops from now on, at their speed
+    except Exception as exc:  # a Triton or GPU that cannot build it: torch's ops for this shape, at their speed
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        _failed.append(first)
-        log.warning("the fused ReLU-backward kernel failed (%s); using torch's GEMM and mask kernels", first)
+        _failed[shape] = first
+        log.warning("the fused ReLU-backward kernel failed for [*, %d] x [%d, %d] (%s); using torch's GEMM and "
+                    "mask kernels", shape[0], shape[0], shape[1], first)
         return _torch_ops(g_MN, w_NK, h_MK)
     return out
 
