@@ -183,22 +183,38 @@ def test_hand_written_code_gradient_matches_autograd_on_cuda():
     assert (cos > 0.98).all(), cos
 
 
-@pytest.mark.parametrize("rows, n, k", [(4096, 512, 512), (4096, 512, 256), (4096, 256, 512), (1000, 200, 96)])
-def test_the_fused_relu_backward_kernel_is_the_gemm_then_the_mask_on_cuda(rows, n, k):
-    """The Triton kernel (the decoder's three backward shapes, and ragged edges) against float64 and torch's ops."""
+@pytest.fixture
+def fused_kernel_only(monkeypatch):
+    """The fused kernel, with any fallback to torch's ops an error: a test of the kernel must run the kernel."""
     from sdf_ray.shapes import fused_backward as fb
 
     if not fb.available(CUDA, torch.bfloat16):
         pytest.skip("the fused kernel needs Triton and an sm90+ GPU")
+    monkeypatch.setattr(fb, "_failed", {})
+
+    def no_fallback(*args):
+        raise AssertionError(f"mm_relu_grad fell back to torch's ops: {fb._failed}")
+
+    monkeypatch.setattr(fb, "_torch_ops", no_fallback)
+    return fb
+
+
+@pytest.mark.parametrize("rows, n, k, wide", [(4096, 512, 512, False), (4096, 512, 256, False),
+                                              (4096, 256, 512, False), (1000, 512, 512, False),
+                                              (1000, 256, 512, True), (1000, 200, 96, True)])
+def test_the_fused_relu_backward_kernel_is_the_gemm_then_the_mask_on_cuda(fused_kernel_only, rows, n, k, wide):
+    """The Triton kernel (the decoder's three backward shapes, ragged edges, an activation that is a slice of a
+    wider buffer) against float64 and torch's ops."""
+    fb = fused_kernel_only
     torch.manual_seed(0)
     g = torch.randn(rows, n, device=CUDA).bfloat16()
     w = (torch.randn(n, k, device=CUDA) / n ** 0.5).bfloat16()
-    h = torch.relu(torch.randn(rows, k, device=CUDA)).bfloat16()  # about half exactly zero
-    assert fb.fits(g, w, h)
+    h = torch.randn(rows, k + (64 if wide else 0), device=CUDA).clamp(min=-0.5).bfloat16()[:, :k]
+    h[::3, ::2] = 0.0  # positive, negative and exactly zero activations
+    assert fb.fits(g, w, h) and h.stride(0) == k + (64 if wide else 0)
     got = fb.mm_relu_grad(g, w, h)
-    assert not fb._failed, fb._failed
     want = (g.double() @ w.double()) * (h > 0)
-    assert (got[h == 0] == 0).all()
+    assert (got[h <= 0] == 0).all()
     scale = want.abs().max().item()
     # fp32 accumulation rounded once to bf16 (8 bits): the error of torch's GEMM, not more
     torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=1e-3 * scale)
@@ -206,7 +222,7 @@ def test_the_fused_relu_backward_kernel_is_the_gemm_then_the_mask_on_cuda(rows, 
                                atol=2e-3 * scale)
 
 
-def test_the_fused_backward_code_gradient_equals_the_unfused_one_on_cuda():
+def test_the_fused_backward_code_gradient_equals_the_unfused_one_on_cuda(fused_kernel_only):
     """The reconstruction step's code gradient through the fused kernel, eager and compiled, against the same
     decoder's GEMM-then-mask backward."""
     from sdf_ray.model import DeepSDFDecoder
@@ -216,21 +232,17 @@ def test_the_fused_backward_code_gradient_equals_the_unfused_one_on_cuda():
     torch.manual_seed(0)
     decoder = freeze(DeepSDFDecoder(C.TrainConfig().model).to(CUDA))
     fused = FrozenDecoder(decoder, torch.bfloat16)
-    if not fused.fused_backward:
-        pytest.skip("the fused kernel needs Triton and an sm90+ GPU")
+    assert fused.fused_backward
     plain = FrozenDecoder(decoder, torch.bfloat16, fused=False)
     z = torch.randn(8, 256, device=CUDA) * 0.01
     xyz = torch.rand(8, 2048, 3, device=CUDA) * 2 - 1
     sdf = (xyz.norm(dim=-1) - 0.5).clamp(-0.1, 0.1)
     want_loss, want = clamped_l1_and_code_gradient(plain, z, xyz, sdf, 0.1, 1e-4)
     step = torch.compile(clamped_l1_and_code_gradient, dynamic=False)
-    from sdf_ray.shapes import fused_backward as fb
-
     for loss, grad in (clamped_l1_and_code_gradient(fused, z, xyz, sdf, 0.1, 1e-4),
                        step(fused, z, xyz, sdf, 0.1, 1e-4)):
-        assert not fb._failed, fb._failed
-        torch.testing.assert_close(loss, want_loss, rtol=1e-2, atol=1e-4)
-        torch.testing.assert_close(grad, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+        torch.testing.assert_close(loss, want_loss, rtol=5e-3, atol=1e-4)
+        torch.testing.assert_close(grad, want, rtol=5e-3, atol=5e-3 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("compile_", [False, True])

@@ -10,7 +10,7 @@ backward is the chain rule written out: ``g_pre = g_h * (h > 0)``, ``g_h_prev = 
 reads the input, the code's gradient ``(sum over the code's points of g_pre) @ W_z``. Measured on an H200
 (docs/performance.md): the compiled step takes 0.87 of the time of autograd through the compiled decoder, and
 decoding 0.79. On GPUs that run :mod:`sdf_ray.shapes.fused_backward`'s kernel (Triton, sm90+, bf16), each
-``g_pre @ W_h`` and the previous layer's mask are one kernel: 0.94 of the step's time again.
+``g_pre @ W_h`` and the previous layer's mask are one kernel: 0.95 of the step's time again.
 
 The function is :class:`sdf_ray.model.DeepSDFDecoder`'s in eval mode (no dropout), computed as it is under the
 same precision or more precisely: GEMMs in the compute dtype (bf16, or fp32 for fp32/tf32) with fp32

@@ -5,9 +5,9 @@ Reconstruction's hand-written backward (:mod:`sdf_ray.shapes.frozen_decoder`) ot
 samples that mask kernel takes 0.36 ms per layer on an H200, most of the GEMM's own 0.42 ms. Here the GEMM's
 epilogue reads the activation's tile and stores the masked product; the unmasked one is never written. Measured on
 an H200 (docs/performance.md, session 12): 0.63 ms against 0.77 ms per 512 x 512 layer, and one reconstruction
-iteration 9.00 ms against 9.56 ms. Why a kernel of our own: torch exposes no masked-backward GEMM; cuBLASLt's
-(``DRELU``) runs at a third of its plain GEMM's speed on Hopper, and inductor's Triton templates fused the masks but
-lost as much on the forward GEMMs (sessions 8 and 10).
+iteration 9.04 ms against 9.51 ms. Why a kernel of our own: torch exposes no masked-backward GEMM; cuBLASLt's
+(``DRELU``) runs at a quarter of its plain GEMM's speed on Hopper, and inductor's Triton templates fused the masks
+but lost as much on the forward GEMMs (sessions 8 and 10).
 
 The kernel is persistent (one program per SM walks the output tiles) and reads through TMA descriptors, so it
 needs Hopper or newer, Triton, bf16/fp16 and rows aligned to 16 bytes (:func:`available`, :func:`fits`); anything
@@ -32,8 +32,8 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 log = logging.getLogger(__name__)
 
-_failed: dict[tuple[int, int], str] = {}
-"""(N, K) -> why the kernel failed for that shape in this process: from then on, torch's ops for it."""
+_failed: dict[tuple[int, int, torch.dtype], str] = {}
+"""(N, K, dtype) -> why the kernel failed for it in this process: from then on, torch's ops for it."""
 
 
 @functools.cache
@@ -85,9 +85,10 @@ if triton is not None:
                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                              NUM_PROGRAMS: tl.constexpr, POINTER_EPILOGUE: tl.constexpr, FLATTEN: tl.constexpr,
                              WARP_SPECIALIZE: tl.constexpr):
-        """out[M, K] = (g[M, N] @ w[N, K]) where h[M, K] > 0, else 0, with fp32 accumulation. NUM_PROGRAMS
-        programs walk the output tiles, a row block's tiles one after the other (its g rows then come from L2).
-        TMA zero-fills loads beyond the edges and clips stores to them."""
+        """out[M, K] = 0 where h[M, K] <= 0, else g[M, N] @ w[N, K] (threshold_backward's rule: a NaN in h passes
+        the product), with fp32 accumulation. The programs (at most NUM_PROGRAMS: a constant, so that the kernel
+        compiles once per plan) walk the output tiles, a row block's tiles one after the other (its g rows then
+        come from L2). TMA zero-fills loads beyond the edges and clips stores to them."""
         tiles_k = tl.cdiv(K, BLOCK_K)
         num_tiles = tl.cdiv(M, BLOCK_M) * tiles_k
         for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN,
@@ -102,11 +103,11 @@ if triton is not None:
                 cols = off_k + tl.arange(0, BLOCK_K)
                 inside = (rows[:, None] < M) & (cols[None, :] < K)
                 h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + cols[None, :], mask=inside, other=0.0)
-                masked = tl.where(h > 0, acc, 0.0).to(h.dtype)
+                masked = tl.where(h <= 0, 0.0, acc).to(h.dtype)
                 tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :], masked, mask=inside)
             else:
                 h = h_desc.load([off_m, off_k])
-                out_desc.store([off_m, off_k], tl.where(h > 0, acc, 0.0).to(h.dtype))
+                out_desc.store([off_m, off_k], tl.where(h <= 0, 0.0, acc).to(h.dtype))
 
 
 def fits(g_MN: torch.Tensor, w_NK: torch.Tensor, h_MK: torch.Tensor) -> bool:
@@ -132,9 +133,9 @@ def launch(g_MN: torch.Tensor, w_NK: torch.Tensor, h_MK: torch.Tensor, out_MK: t
              TensorDescriptor.from_tensor(h_MK, [block_m, block_k]),
              TensorDescriptor.from_tensor(out_MK, [block_m, block_k]))
     num_tiles = triton.cdiv(M, block_m) * triton.cdiv(K, block_k)
-    programs = min(torch.cuda.get_device_properties(g_MN.device).multi_processor_count, num_tiles)
-    _mm_relu_grad_kernel[(programs,)](*descs, h_MK, out_MK, M, N, K, h_MK.stride(0), out_MK.stride(0),
-                                      BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, NUM_PROGRAMS=programs,
+    sms = torch.cuda.get_device_properties(g_MN.device).multi_processor_count
+    _mm_relu_grad_kernel[(min(sms, num_tiles),)](*descs, h_MK, out_MK, M, N, K, h_MK.stride(0), out_MK.stride(0),
+                                      BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, NUM_PROGRAMS=sms,
                                       POINTER_EPILOGUE=plan.pointer_epilogue,
                                       FLATTEN=plan.flatten, WARP_SPECIALIZE=plan.warp_specialize,
                                       num_warps=warps, num_stages=stages)
@@ -144,26 +145,39 @@ def _torch_ops(g_MN: torch.Tensor, w_NK: torch.Tensor, h_MK: torch.Tensor) -> to
     return torch.ops.aten.threshold_backward(torch.mm(g_MN, w_NK), h_MK, 0)
 
 
+def _check_operands(g_MN: torch.Tensor, w_NK: torch.Tensor, h_MK: torch.Tensor) -> None:
+    torch._check(g_MN.dim() == 2 and w_NK.dim() == 2 and h_MK.dim() == 2, lambda: "mm_relu_grad: 2-D operands")
+    torch._check(g_MN.shape[1] == w_NK.shape[0] and h_MK.shape[0] == g_MN.shape[0] and h_MK.shape[1] == w_NK.shape[1],
+                 lambda: f"mm_relu_grad: g {tuple(g_MN.shape)}, w {tuple(w_NK.shape)} and h {tuple(h_MK.shape)} "
+                         "do not chain")
+    torch._check(g_MN.dtype == w_NK.dtype == h_MK.dtype, lambda: "mm_relu_grad: operands of one dtype")
+
+
 @torch.library.custom_op("sdf_ray::mm_relu_grad", mutates_args=())
 def mm_relu_grad(g_MN: torch.Tensor, w_NK: torch.Tensor, h_MK: torch.Tensor) -> torch.Tensor:
-    """``(g @ w) * (h > 0)``: the gradient at a ReLU layer's output ``h`` ``[M, K]`` from the gradient ``g``
-    ``[M, N]`` at the next layer's pre-activation, ``w`` ``[N, K]`` that layer's weight. One fused kernel where
-    :func:`available` and :func:`fits`; torch's GEMM and mask kernel elsewhere (the same values)."""
-    shape = (g_MN.shape[1], w_NK.shape[1])
-    if shape in _failed or not (available(g_MN.device, g_MN.dtype) and fits(g_MN, w_NK, h_MK)):
+    """``threshold_backward(g @ w, h, 0)``: the gradient at a ReLU layer's output ``h`` ``[M, K]`` from the gradient
+    ``g`` ``[M, N]`` at the next layer's pre-activation, ``w`` ``[N, K]`` that layer's weight (zero where
+    ``h <= 0``). One fused kernel where :func:`available` and :func:`fits`; torch's GEMM and mask kernel elsewhere:
+    the same values, to the GEMM's accumulation order."""
+    _check_operands(g_MN, w_NK, h_MK)
+    key = (g_MN.shape[1], w_NK.shape[1], g_MN.dtype)
+    if (key in _failed or g_MN.shape[0] == 0
+            or not (available(g_MN.device, g_MN.dtype) and fits(g_MN, w_NK, h_MK))):
         return _torch_ops(g_MN, w_NK, h_MK)
     out = torch.empty(g_MN.shape[0], w_NK.shape[1], dtype=g_MN.dtype, device=g_MN.device)
     try:
-        launch(g_MN, w_NK, h_MK, out)
+        with torch.cuda.device(g_MN.device):  # Triton launches on the current device
+            launch(g_MN, w_NK, h_MK, out)
     except Exception as exc:  # a Triton or GPU that cannot build it: torch's ops for this shape, at their speed
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        _failed[shape] = first
-        log.warning("the fused ReLU-backward kernel failed for [*, %d] x [%d, %d] (%s); using torch's GEMM and "
-                    "mask kernels", shape[0], shape[0], shape[1], first)
+        _failed[key] = first
+        log.warning("the fused ReLU-backward kernel failed for [*, %d] x [%d, %d] %s (%s); using torch's GEMM and "
+                    "mask kernels", key[0], key[0], key[1], key[2], first)
         return _torch_ops(g_MN, w_NK, h_MK)
     return out
 
 
 @mm_relu_grad.register_fake
 def _(g_MN: torch.Tensor, w_NK: torch.Tensor, h_MK: torch.Tensor) -> Any:
+    _check_operands(g_MN, w_NK, h_MK)
     return g_MN.new_empty(g_MN.shape[0], w_NK.shape[1])
