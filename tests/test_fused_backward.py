@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from sdf_ray import config as config_mod
@@ -49,3 +50,11 @@ def test_operands_tma_cannot_read_do_not_fit():
     assert fused_backward.fits(g, w, h)
     assert not fused_backward.fits(g, w, h.t().contiguous().t())  # columns not contiguous
     assert not fused_backward.fits(g[:, 1:], w[1:], h)  # a base off 16 bytes, rows of 46 bytes
+
+
+def test_mm_relu_grad_compiles_as_one_op_and_checks_its_operands():
+    g, w, h = operands(dtype=torch.float32)
+    compiled = torch.compile(fused_backward.mm_relu_grad, dynamic=False, fullgraph=True)
+    torch.testing.assert_close(compiled(g, w, h), torch.ops.aten.threshold_backward(g @ w, h, 0))
+    with pytest.raises(RuntimeError, match="do not chain"):
+        fused_backward.mm_relu_grad(g, w, h[:-1])
