@@ -19,15 +19,14 @@ import os
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from sdf_ray import config as config_mod
 from sdf_ray.model import DeepSDFDecoder
 from sdf_ray.shapes import fused_backward as fb
+from sdf_ray.shapes.bench import synthetic_bank
 from sdf_ray.shapes.config import ReconstructConfig
-from sdf_ray.shapes.reconstruct import SampleBank, freeze, prepare, reconstruct_codes
-from sdf_ray.shapes.samples import ShapeSamples
+from sdf_ray.shapes.reconstruct import freeze, prepare, reconstruct_codes
 
 ROWS = 512_000
 ITERS = int(os.environ.get("ITERS", "200"))
@@ -99,13 +98,7 @@ def steps() -> None:
     device = torch.device("cuda")
     torch.manual_seed(0)
     decoder = freeze(DeepSDFDecoder(config_mod.TrainConfig().model).to(device))
-    rng = np.random.default_rng(0)
-    shapes = []
-    for i in range(B):
-        rows = rng.uniform(-1, 1, size=(50_000, 4)).astype(np.float32)
-        rows[:, 3] *= 0.1
-        shapes.append(ShapeSamples(i, rows[rows[:, 3] > 0], rows[rows[:, 3] <= 0]))
-    bank = SampleBank.build(shapes, device)
+    bank = synthetic_bank(B, device, rows=50_000, sdf_scale=0.1)
     cfg = dataclasses.replace(ReconstructConfig(), num_iterations=ITERS, precision="bf16")
     warm = dataclasses.replace(cfg, num_iterations=3)
     variants = {}

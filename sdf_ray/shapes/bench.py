@@ -31,6 +31,19 @@ from sdf_ray.shapes.reconstruct import SampleBank, freeze, prepare, reconstruct_
 from sdf_ray.shapes.samples import ShapeSamples
 
 
+def synthetic_bank(num_shapes: int, device: torch.device, rows: int, sdf_scale: float = 1.0) -> SampleBank:
+    """``num_shapes`` shapes of ``rows`` samples uniform in [-1, 1]^3, their sdf uniform in
+    [-sdf_scale, sdf_scale] (seeded: the same bank every run), on ``device``: an optimisation's cost does not depend
+    on where the samples are."""
+    rng = np.random.default_rng(0)
+    shapes = []
+    for i in range(num_shapes):
+        samples = rng.uniform(-1, 1, size=(rows, 4)).astype(np.float32)
+        samples[:, 3] *= sdf_scale
+        shapes.append(ShapeSamples(i, samples[samples[:, 3] > 0], samples[samples[:, 3] <= 0]))
+    return SampleBank.build(shapes, device)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -61,12 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                               precision=args.precision, mesh_resolution=args.resolution,
                               code_gradient=args.code_gradient, compile_mode=args.compile_mode)
     decoder = freeze(DeepSDFDecoder(config_mod.TrainConfig().model).to(device))
-    rng = np.random.default_rng(0)
-    shapes = []
-    for i in range(args.shapes):
-        rows = rng.uniform(-1, 1, size=(250_000, 4)).astype(np.float32)
-        shapes.append(ShapeSamples(i, rows[rows[:, 3] > 0], rows[rows[:, 3] <= 0]))
-    bank = SampleBank.build(shapes, device)
+    bank = synthetic_bank(args.shapes, device, rows=250_000)
     prepared = prepare(decoder, cfg, 0.1, compile=args.compile)
     static_batch = args.shapes if args.compile else 0  # as the actors do (sdf_ray.shapes.work)
     warm = dataclasses.replace(cfg, num_iterations=3)
