@@ -157,7 +157,8 @@ class Validator:
                     local["sdf_l1_shapes"] += 1
             if self.cfg.validation.mesh_resolution <= 0 or not self.ground_truth:
                 return
-            spec = GridSpec(self.cfg.validation.mesh_resolution, s.mesh_coarse_stride, s.mesh_refine_margin)
+            spec = GridSpec(self.cfg.validation.mesh_resolution, s.mesh_coarse_stride, s.mesh_refine_margin,
+                            s.mesh_follow_surface)
             grids = decode_sparse_grids(model, codes_BL, spec, s.precision, s.points_per_forward)
         for sid, good, grid in zip(self.bank.scene_ids, ok, grids):
             gt = self.ground_truth.get(sid)

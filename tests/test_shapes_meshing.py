@@ -9,7 +9,7 @@ from torch import nn
 
 from sdf_ray.data.format import to_normalized, to_original
 from sdf_ray.data.synth import synth_shape
-from sdf_ray.shapes.decode import _fine_points, _plan_levels, _refine_blocks, decode_sparse_grids
+from sdf_ray.shapes.decode import _follow_surface, _plan_levels, _refine_blocks, decode_sparse_grids
 from sdf_ray.shapes.meshing import (
     GridSpec,
     assemble,
@@ -17,6 +17,7 @@ from sdf_ray.shapes.meshing import (
     decode_grid,
     extract_mesh,
     fine_points,
+    follow_surface,
     plan_levels,
     read_mesh,
     refine_blocks,
@@ -37,19 +38,60 @@ SHAPES = {"sphere": sphere, "torus": torus, "synth-1": synth_shape(1, 0).sdf, "s
           "synth-union": synth_shape(5, 3).sdf}
 
 
+def same_mesh(fn, spec: GridSpec) -> tuple[bool, int]:
+    """(whether ``spec``'s coarse-to-fine mesh of ``fn`` is the dense mesh, face for face and vertex for vertex,
+    the points it decoded)."""
+    dense = extract_mesh(decode_grid(fn, GridSpec(spec.resolution)))
+    grid = decode_grid(fn, spec)
+    sparse = extract_mesh(grid)
+    assert dense.status == "ok" and dense.mesh is not None
+    same = (sparse.mesh is not None and sparse.mesh.faces_F3.shape == dense.mesh.faces_F3.shape
+            and np.array_equal(sparse.mesh.faces_F3, dense.mesh.faces_F3)
+            and np.array_equal(sparse.mesh.verts_V3, dense.mesh.verts_V3))
+    return same, grid.num_decoded
+
+
+@pytest.mark.parametrize("follow", [True, False])
 @pytest.mark.parametrize("stride", [4, 5, 8])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_coarse_to_fine_mesh_equals_the_dense_mesh(name, stride):
-    fn = SHAPES[name]
+def test_coarse_to_fine_mesh_equals_the_dense_mesh(name, stride, follow):
     n = 64  # 63 cells: every level leaves a partial last block (levels 4 -> 2, 5, and 8 -> 4 -> 2)
-    dense = extract_mesh(decode_grid(fn, GridSpec(n)))
-    grid = decode_grid(fn, GridSpec(n, stride, refine_margin=1.0))
-    sparse = extract_mesh(grid)
-    assert dense.status == sparse.status == "ok"
-    assert dense.mesh is not None and sparse.mesh is not None
-    np.testing.assert_array_equal(sparse.mesh.faces_F3, dense.mesh.faces_F3)
-    np.testing.assert_array_equal(sparse.mesh.verts_V3, dense.mesh.verts_V3)
-    assert grid.num_decoded < n ** 3
+    same, decoded = same_mesh(SHAPES[name], GridSpec(n, stride, refine_margin=1.0, follow_surface=follow))
+    assert same and decoded < n ** 3
+
+
+def steep(fn, k: float):
+    return lambda p: k * fn(p)
+
+
+def test_following_the_surface_keeps_the_dense_mesh_where_the_field_is_steeper_than_the_margin():
+    """A field 6x steeper than a distance breaks the margin's assumption: with the margin alone, blocks the surface
+    crosses between their corners are left out and the mesh has holes; following the surface across block faces
+    finds them again (any field: it needs no slope bound, only a block whose corners change sign)."""
+    fn = steep(SHAPES["synth-1"], 6.0)
+    margin_only, _ = same_mesh(fn, GridSpec(64, 8, refine_margin=1.0, follow_surface=False))
+    followed, _ = same_mesh(fn, GridSpec(64, 8, refine_margin=1.0, follow_surface=True))
+    assert not margin_only and followed
+
+
+def test_following_the_surface_decodes_the_same_points_however_flat_the_field():
+    """A flat field (a quarter of a distance's slope, like an under-trained decoder) widens the margin's bands; the
+    final level then decodes only the blocks the surface crosses, as many as for the distance itself, and the mesh
+    stays the dense one."""
+    counts = {}
+    for follow in (True, False):
+        for k in (1.0, 0.25):
+            spec = GridSpec(96, 8, 2.0, follow_surface=follow)
+            same, _ = same_mesh(steep(SHAPES["torus"], k), spec)
+            assert same
+            counts[follow, k] = follow_surface(spec, *final_blocks(steep(SHAPES["torus"], k), spec))[1].size
+    assert counts[True, 1.0] == counts[True, 0.25]
+    assert counts[False, 0.25] > 2.5 * counts[True, 0.25] and counts[False, 1.0] > 1.5 * counts[True, 1.0]
+
+
+def final_blocks(fn, spec: GridSpec) -> tuple[np.ndarray, object]:
+    """(the final level's planned blocks, ``fn``): :func:`follow_surface`'s arguments."""
+    return plan_levels(spec, fn(coarse_points(spec)).astype(np.float32), fn)[0], fn
 
 
 def test_coarse_to_fine_decodes_a_small_fraction_at_high_resolution():
@@ -63,12 +105,14 @@ def test_coarse_to_fine_decodes_a_small_fraction_at_high_resolution():
     assert levels < 0.6 * single
 
 
+@pytest.mark.parametrize("follow", [True, False])
 @pytest.mark.parametrize("stride", [5, 8])
-def test_the_device_plan_of_several_shapes_matches_the_cpu_plan_of_each(stride):
-    """The device plans the levels of a group of shapes at once (one decoder call per level for all of them):
-    each shape's blocks, points and order equal its own CPU plan."""
-    spec = GridSpec(48, stride, 2.0)
-    fns = [SHAPES["torus"], SHAPES["sphere"], SHAPES["synth-4"]]
+def test_the_device_plan_of_several_shapes_matches_the_cpu_plan_of_each(stride, follow):
+    """The device plans the levels of a group of shapes at once (one decoder call per level for all of them) and
+    follows their surfaces together: each shape's blocks, points, values and order equal its own CPU plan (a steep
+    shape among them, whose surface is followed over several rounds)."""
+    spec = GridSpec(48, stride, 2.0, follow_surface=follow)
+    fns = [SHAPES["torus"], SHAPES["sphere"], SHAPES["synth-4"], steep(SHAPES["synth-1"], 20.0)]
     coarse = np.stack([fn(coarse_points(spec)).astype(np.float32) for fn in fns])
     for b in range(len(fns)):
         np.testing.assert_array_equal(_refine_blocks(spec, torch.from_numpy(coarse))[b].numpy(),
@@ -83,13 +127,20 @@ def test_the_device_plan_of_several_shapes_matches_the_cpu_plan_of_each(stride):
 
     axis = torch.from_numpy(spec.axis())
     blocks_t, decoded_t = _plan_levels(spec, torch.from_numpy(coarse), axis, decode)
-    index, points = _fine_points(spec, blocks_t, axis)
+    planned = blocks_t.clone()
+    blocks_t, values_t, counts_t = _follow_surface(spec, blocks_t, axis, decode)
+    starts = np.cumsum(counts_t.numpy()) - counts_t.numpy()
+    grown = 0
     for b, fn in enumerate(fns):
         blocks, decoded = plan_levels(spec, coarse[b], fn)
-        np.testing.assert_array_equal(blocks_t[b].numpy(), blocks)
+        np.testing.assert_array_equal(planned[b].numpy(), blocks)
         assert decoded_t[b].item() == decoded and (decoded > 0) == (stride == 8)
-        np.testing.assert_array_equal(points[index == b].numpy(), fine_points(spec, blocks))
-    assert (np.diff(index.numpy()) >= 0).all()  # shape by shape
+        blocks, values = follow_surface(spec, blocks, fn)
+        np.testing.assert_array_equal(blocks_t[b].numpy(), blocks)
+        assert counts_t[b].item() == len(values) == len(fine_points(spec, blocks))
+        np.testing.assert_array_equal(values_t[starts[b]:starts[b] + counts_t[b]].numpy(), values)
+        grown += int((blocks & ~planned[b].numpy()).sum())
+    assert (grown > 0) == follow
 
 
 class SphereCodes(nn.Module):

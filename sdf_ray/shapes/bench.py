@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from sdf_ray.data.synth import synth_shape
 
-    spec = GridSpec(cfg.mesh_resolution, cfg.mesh_coarse_stride, cfg.mesh_refine_margin)
+    spec = GridSpec(cfg.mesh_resolution, cfg.mesh_coarse_stride, cfg.mesh_refine_margin,
+                    cfg.mesh_follow_surface)
     counts, t_mesh = [], 0.0
     for i in range(args.mesh_shapes):
         grid = decode_grid(synth_shape(i, 0).sdf, spec)

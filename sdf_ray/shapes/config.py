@@ -90,9 +90,17 @@ class ReconstructConfig:
     decoder, whose |f| stays small in wider bands, about 4.3 M of the 16.8 M (the summary's ``grid`` line). A
     stride at or above the resolution is one block over the whole grid (valid, just not sparse at the top level)."""
     mesh_refine_margin: Annotated[float, Ge(1)] = 2.0
-    """A block (at any level) is refined when its corners change sign or one has |sdf| below this many block
-    half-diagonals. 1 suffices for a true distance function; a decoder only approximates one (it is trained
-    on clamped targets), hence the default of 2."""
+    """A block (at any level but the last, see ``mesh_follow_surface``) is refined when its corners change sign or
+    one has |sdf| below this many block half-diagonals. 1 suffices for a true distance function; a decoder only
+    approximates one (it is trained on clamped targets), hence the default of 2."""
+    mesh_follow_surface: bool = True
+    """The last level (2-cell blocks) decodes the blocks whose corners change sign, then follows the surface: a
+    block face whose decoded points change sign brings in the block beyond it, until the surface leaves the
+    decoded blocks nowhere. Every marching-cubes surface that passes through such a block is then exactly the
+    dense one, however flat or steep the decoder's field. Only a part that nowhere changes sign between the
+    2-cell blocks' corners and touches no larger part (thinner than 2 cells all over) can be missed. A sphere at
+    256^3 decodes 0.63 M points instead of 1.14 M with the margin at the last level, and a field half as steep
+    0.80 M instead of 1.82 M (same meshes). false: the last level refines by the margin too."""
     points_per_forward: Annotated[int, Ge(1024)] = 262_144
     """Grid points per decoder call (bounds device memory while decoding)."""
     fscore_tau: PositiveFloat = 0.01

@@ -172,15 +172,62 @@ def _plan_levels(spec: GridSpec, coarse_values_BP: torch.Tensor, axis: torch.Ten
         if len(coords):
             values[points] = decode(shape_index, coords)
         decoded += points.flatten(1).sum(dim=1)
-        blocks = candidates & _blocks_to_refine(values, spec.margin_at(stride))
+        blocks = candidates & _blocks_to_refine(values, spec.threshold_at(stride))
     return blocks, decoded
 
 
-def _fine_points(spec: GridSpec, block_mask: torch.Tensor, axis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`sdf_ray.shapes.meshing.fine_points` on the device for ``[B, nb, nb, nb]`` blocks: (the shape of each
-    point, the points), in the order of :func:`_level_points`."""
-    cells = _take3(block_mask, cell_blocks(spec))
-    return _level_points(spec, 1, _corner_points(cells), axis)
+def _square_any(mask: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Whether any corner of each unit square in the two ``dims`` is set (those dims shrink by one)."""
+    for d in dims:
+        m = mask.shape[d] - 1
+        mask = mask.narrow(d, 0, m) | mask.narrow(d, 1, m)
+    return mask
+
+
+def _blocks_across_sign_changes(spec: GridSpec, values: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """:func:`sdf_ray.shapes.meshing.blocks_across_sign_changes` on the device for ``[B, n, n, n]`` values and
+    ``[B, nb, nb, nb]`` blocks, cell by cell: a cell outside the blocks whose face with a cell inside has corners
+    of both signs brings in its block."""
+    n, s, nb = spec.resolution, spec.final_stride, blocks.shape[1]
+    cells = _take3(blocks, cell_blocks(spec))
+    positive, negative = values > 0, values <= 0
+    reached = torch.zeros_like(cells)
+    for d in (1, 2, 3):
+        others = tuple(o for o in (1, 2, 3) if o != d)
+        # The faces across dim d at fine index 1 .. n - 2, each between the cells i - 1 and i.
+        mixed = (_square_any(positive, others) & _square_any(negative, others)).narrow(d, 1, n - 2)
+        below, above = cells.narrow(d, 0, n - 2), cells.narrow(d, 1, n - 2)
+        into_above, into_below = reached.narrow(d, 1, n - 2), reached.narrow(d, 0, n - 2)
+        into_above |= mixed & below & ~above
+        into_below |= mixed & above & ~below
+    padded = torch.zeros((blocks.shape[0],) + (nb * s,) * 3, dtype=torch.bool, device=blocks.device)
+    padded[:, :n - 1, :n - 1, :n - 1] = reached
+    return padded.view(-1, nb, s, nb, s, nb, s).any(6).any(4).any(2) & ~blocks
+
+
+def _follow_surface(spec: GridSpec, blocks: torch.Tensor, axis: torch.Tensor,
+                    decode: Decode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sdf_ray.shapes.meshing.follow_surface` on the device for ``[B, nb, nb, nb]`` blocks, each round's
+    points of all shapes in shared decoder calls: (the final blocks, their fine values shape by shape in the order of
+    :func:`sdf_ray.shapes.meshing.fine_points`, the number of fine values of each shape)."""
+    n = spec.resolution
+    values = torch.full((blocks.shape[0],) + (n,) * 3, float("nan"), device=axis.device)
+    decoded = torch.zeros(values.shape, dtype=torch.bool, device=axis.device)
+    cell_index = cell_blocks(spec)
+    while True:
+        points = _corner_points(_take3(blocks, cell_index)) & ~decoded
+        shape_index, coords = _level_points(spec, 1, points, axis)
+        if len(coords):
+            values[points] = decode(shape_index, coords)
+        decoded |= points
+        if not spec.follow_surface:
+            break
+        grow = _blocks_across_sign_changes(spec, values, blocks)
+        if not bool(grow.any()):
+            break
+        blocks = blocks | grow
+    fine = _corner_points(_take3(blocks, cell_index))
+    return blocks, values[fine], fine.flatten(1).sum(dim=1)
 
 
 GROUP_POINTS = 1 << 26
@@ -226,9 +273,8 @@ def decode_sparse_grids(decoder: nn.Module, codes_BL: torch.Tensor, spec: GridSp
             return decode_points(decoder, all_codes, index + g0, points, precision, points_per_forward, pad, per_shape)
 
         blocks, num_mid = _plan_levels(spec, coarse[g0:g0 + group], axis, decode)
-        fine_index, fine_pts = _fine_points(spec, blocks, axis)
-        fine = decode(fine_index, fine_pts)
-        counts = torch.bincount(fine_index, minlength=blocks.shape[0]).cpu().numpy()
+        blocks, fine, fine_counts = _follow_surface(spec, blocks, axis, decode)
+        counts = fine_counts.cpu().numpy()
         fine_np, blocks_np = fine.cpu().numpy(), blocks.cpu().numpy()
         coarse_np = coarse[g0:g0 + group].cpu().numpy()
         starts = np.cumsum(counts) - counts

@@ -11,9 +11,16 @@ refined blocks of that last level are decoded at full resolution. For a true dis
 exact at every level: a zero inside a block lies within a half-diagonal of a corner, so that corner has ``|f|``
 at most that. A decoder trained on clamped targets is only close to a distance function near the surface, hence
 a generous margin (values beyond the clamp distance only say "far", which the margin test reads as far: blocks
-there are skipped as long as the margin is below the clamp distance). Marching cubes then runs only on the
-refined cells (scikit-image's ``mask``); every other cell has corners of one sign and yields nothing in the dense
-grid either, so the mesh equals the dense one (a test proves it on analytic shapes).
+there are skipped as long as the margin is below the clamp distance).
+
+The last level (``GridSpec.follow_surface``, the default) keeps only the blocks whose corners change sign, and then
+follows the surface out of them: where a face between a decoded block and another has fine points of both signs,
+marching cubes would continue the surface into the other block, so that block is decoded too, until no face leads
+out (:func:`follow_surface`). The margin's band, most of the points at the last level and wider the flatter the
+field, is no longer decoded, and no slope bound is needed for any surface that crosses a block's corners
+somewhere. Marching cubes then runs only on the refined cells (scikit-image's ``mask``); every other cell has
+corners of one sign, or belongs to a part of the surface that no decoded block reaches, so the mesh equals the
+dense one (tests prove it on analytic shapes, also on fields far steeper than a distance).
 
 Decoding is left to the caller (:class:`SdfFunction` on numpy points, or the device code of
 ``sdf_ray.shapes.decode``): this module plans which points to decode and turns the values into a mesh.
@@ -41,6 +48,9 @@ class GridSpec:
     resolution: int
     coarse_stride: int = 1
     refine_margin: float = 2.0
+    follow_surface: bool = True
+    """The final level keeps only the blocks whose corners change sign, and :func:`follow_surface` adds every block
+    the surface leaves them through; False: the final level keeps the blocks within the margin too."""
 
     @property
     def voxel_size(self) -> float:
@@ -84,6 +94,13 @@ class GridSpec:
     def margin_abs(self) -> float:
         """The coarse level's threshold (:meth:`margin_at` the coarse stride)."""
         return self.margin_at(self.coarse_stride)
+
+    def threshold_at(self, stride: int) -> float:
+        """The threshold on |f| that refines a block of the ``stride`` level below the coarse one: the margin's, or
+        0 at the final level when following the surface (only corners that change sign, or hit 0, refine)."""
+        if self.follow_surface and stride == self.final_stride:
+            return 0.0
+        return self.margin_at(stride)
 
 
 def grid_points(axis_values: np.ndarray) -> np.ndarray:
@@ -199,8 +216,49 @@ def plan_levels(spec: GridSpec, coarse_values: np.ndarray, sdf: SdfFunction) -> 
             values[points] = np.asarray(sdf(level_points(spec, stride, points)), dtype=np.float32)
         decoded += int(points.sum())
         # A candidate's corners are all decoded: the NaN placeholders only sit outside the candidates.
-        blocks = candidates & blocks_to_refine(values, spec.margin_at(stride))
+        blocks = candidates & blocks_to_refine(values, spec.threshold_at(stride))
     return blocks, decoded
+
+
+def _window_any(a: np.ndarray, bounds: np.ndarray, axis: int) -> np.ndarray:
+    """Along ``axis``: whether any element from ``bounds[j]`` to ``bounds[j + 1]`` (both included) is set."""
+    return np.logical_or.reduceat(a, bounds[:-1], axis=axis) | np.take(a, bounds[1:], axis=axis)
+
+
+def blocks_across_sign_changes(spec: GridSpec, values: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """``[nb]^3`` bool: final-level blocks outside ``blocks`` that share a face with one inside whose fine points
+    (decoded in ``values``, ``[N]^3``) change sign: the surface leaves the decoded blocks there. Marching cubes
+    joins two cells' pieces across a face exactly when its corners change sign, so every piece connected to a
+    decoded block is reached this way."""
+    bounds = spec.level_index(spec.final_stride)
+    out = np.zeros_like(blocks)
+    for axis in range(3):
+        planes = np.moveaxis(values, axis, 0)[bounds[1:-1]]  # the faces between blocks j - 1 and j along the axis
+        mixed = np.ones((len(planes),) + blocks.shape[1:], dtype=bool)
+        for side in (planes > 0, planes <= 0):
+            mixed &= _window_any(_window_any(side, bounds, 1), bounds, 2)
+        b, o = np.moveaxis(blocks, axis, 0), np.moveaxis(out, axis, 0)
+        o[1:] |= mixed & b[:-1] & ~b[1:]
+        o[:-1] |= mixed & b[1:] & ~b[:-1]
+    return out
+
+
+def follow_surface(spec: GridSpec, blocks: np.ndarray, sdf: SdfFunction) -> tuple[np.ndarray, np.ndarray]:
+    """(the final blocks, their values at :func:`fine_points`): decode the fine points of ``blocks``, then, while
+    the surface leaves the decoded blocks through a face (:func:`blocks_across_sign_changes`), the blocks beyond
+    it. Without ``spec.follow_surface``, ``blocks`` decoded once."""
+    n = spec.resolution
+    values = np.full((n,) * 3, np.nan, dtype=np.float32)
+    decoded = np.zeros((n,) * 3, dtype=bool)
+    while True:
+        points = refined_points(spec, blocks) & ~decoded
+        if points.any():
+            values[points] = np.asarray(sdf(level_points(spec, 1, points)), dtype=np.float32)
+        decoded |= points
+        grow = blocks_across_sign_changes(spec, values, blocks) if spec.follow_surface else None
+        if grow is None or not grow.any():
+            return blocks, values[refined_points(spec, blocks)]
+        blocks = blocks | grow
 
 
 def decode_grid(sdf: SdfFunction, spec: GridSpec) -> SparseGrid:
@@ -209,8 +267,7 @@ def decode_grid(sdf: SdfFunction, spec: GridSpec) -> SparseGrid:
     if spec.dense:
         return SparseGrid(spec, coarse, np.zeros((0, 0, 0), dtype=bool), np.zeros(0, dtype=np.float32))
     blocks, num_mid = plan_levels(spec, coarse, sdf)
-    pts = fine_points(spec, blocks)
-    fine = np.asarray(sdf(pts), dtype=np.float32) if len(pts) else np.zeros(0, dtype=np.float32)
+    blocks, fine = follow_surface(spec, blocks, sdf)
     return SparseGrid(spec, coarse, blocks, fine, num_mid)
 
 

@@ -235,7 +235,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     if summary.get("grid_points"):
         g = summary["grid_points"]
         lines.append(f"  grid: {g['mean'] / 1e6:.2f} M points decoded per shape, {g['fraction_of_dense']:.1%} of the "
-                     f"dense grid (reconstruct.mesh_coarse_stride, mesh_refine_margin)")
+                     f"dense grid (reconstruct.mesh_coarse_stride, mesh_refine_margin, mesh_follow_surface)")
     if summary.get("stages"):
         per = {name: v["per_shape_s"] for name, v in summary["stages"].items()}
         device = "  ".join(f"{name} {per[name]:.3f}" for name in STAGES[:4])

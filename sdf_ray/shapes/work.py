@@ -44,7 +44,7 @@ class Job:
 
     def grid_spec(self) -> GridSpec:
         c = self.cfg
-        return GridSpec(c.mesh_resolution, c.mesh_coarse_stride, c.mesh_refine_margin)
+        return GridSpec(c.mesh_resolution, c.mesh_coarse_stride, c.mesh_refine_margin, c.mesh_follow_surface)
 
 
 @dataclass
