@@ -36,7 +36,7 @@ from sdf_ray.errors import first_line
 from sdf_ray.shapes.config import ReconstructConfig
 from sdf_ray.shapes.decode import decode_sparse_grids
 from sdf_ray.shapes.ground_truth import GroundTruth, load_ground_truth
-from sdf_ray.shapes.meshing import GridSpec, extract_mesh
+from sdf_ray.shapes.meshing import extract_mesh
 from sdf_ray.shapes.reconstruct import SampleBank, prepare, reconstruct_codes, sdf_l1
 from sdf_ray.shapes.samples import load_shape_samples
 
@@ -157,8 +157,7 @@ class Validator:
                     local["sdf_l1_shapes"] += 1
             if self.cfg.validation.mesh_resolution <= 0 or not self.ground_truth:
                 return
-            spec = GridSpec(self.cfg.validation.mesh_resolution, s.mesh_coarse_stride, s.mesh_refine_margin,
-                            s.mesh_follow_surface)
+            spec = s.grid_spec(self.cfg.loss.clamp_dist, self.cfg.validation.mesh_resolution)
             grids = decode_sparse_grids(model, codes_BL, spec, s.precision, s.points_per_forward)
         for sid, good, grid in zip(self.bank.scene_ids, ok, grids):
             gt = self.ground_truth.get(sid)

@@ -89,6 +89,21 @@ def test_following_the_surface_decodes_the_same_points_however_flat_the_field():
     assert counts[False, 0.25] > 2.5 * counts[True, 0.25] and counts[False, 1.0] > 1.5 * counts[True, 1.0]
 
 
+def test_values_beyond_the_training_clamp_read_as_far():
+    """A decoder trained on targets clamped at 0.1 returns ~0.1 anywhere farther (here 0.1-0.105). A margin above
+    0.1 would refine every block out there; GridSpec.far (the run's clamp) reads those values as far: fewer points,
+    the dense mesh."""
+    def clamped_torus(p: np.ndarray) -> np.ndarray:
+        d = torus(p)
+        return np.where(d > 0.1, 0.1 + 0.005 * np.abs(np.sin(40 * p[:, 0])), d)
+
+    spec = GridSpec(64, 8, 2.0)
+    assert spec.threshold_at(8) > 0.1
+    plain, plain_points = same_mesh(clamped_torus, spec)
+    capped, capped_points = same_mesh(clamped_torus, GridSpec(64, 8, 2.0, far=0.1))
+    assert plain and capped and capped_points < 0.75 * plain_points
+
+
 def final_blocks(fn, spec: GridSpec) -> tuple[np.ndarray, object]:
     """(the final level's planned blocks, ``fn``): :func:`follow_surface`'s arguments."""
     return plan_levels(spec, fn(coarse_points(spec)).astype(np.float32), fn)[0], fn

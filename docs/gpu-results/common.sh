@@ -2,7 +2,13 @@
 # Expects PY (the Python to run) and W (the work directory, emptied here).
 T_START=$(date +%s.%N)
 now() { date +%s.%N; }
-since() { $PY -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
+# awk, not Python: the reconstruction's console lines are timestamped one by one, and a Python start per line
+# (~0.1 s) lagged the summary's last lines by ~2 s, which the command's wall time then included (session 13).
+if command -v awk >/dev/null; then
+  since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f\n", b - a }'; }
+else
+  since() { $PY -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
+fi
 section() { echo; echo "=== $* (t=$(since "$T_START") s)"; }
 
 rm -rf "$W"; mkdir -p "$W"

@@ -3,10 +3,11 @@
   source .gpu/gpu-env.sh; python docs/gpu-results/follow-surface-check.py RUN_DIR [SHAPES [DENSE]]
 
 The first SHAPES (64) training codes of a trained run, decoded at the reference's 256^3 as the actors decode them
-(bf16, the frozen decoder compiled, static batch), once with ``mesh_follow_surface`` off and once on, alternated
-three times after a warm-up: points decoded per shape and wall time. Then every shape's two meshes are compared
-(faces and vertices), and the first DENSE (8) shapes are also decoded densely (every grid point, through the same
-padded decoder calls, so equal points get equal values) and compared with both.
+(bf16, the frozen decoder compiled, static batch) by three plans, alternated three times after a warm-up: the
+margin at every level (``mesh_follow_surface`` off), following the surface at the last level, and that with values
+beyond the run's clamp distance read as far (``GridSpec.far``, what the actors do). Points decoded per shape and wall
+time; then every shape's meshes are compared with the margin's (faces and vertices), and the first DENSE (8) shapes
+are also decoded densely (every grid point, through the same decoder calls) and compared with each.
 """
 
 from __future__ import annotations
@@ -46,33 +47,36 @@ def main() -> None:
     prepared = prepare(freeze(build_decoder(run.decoder_payload(), device)), cfg, 0.1, compile=True)
     codes = run.latents_NL[:n].to(device)
     res = int(os.environ.get("RES", cfg.mesh_resolution))
-    specs = {follow: GridSpec(res, cfg.mesh_coarse_stride, cfg.mesh_refine_margin, follow) for follow in (False, True)}
+    clamp = run.config.loss.clamp_dist
+    specs = {"margin": GridSpec(res, cfg.mesh_coarse_stride, cfg.mesh_refine_margin, False),
+             "follow": GridSpec(res, cfg.mesh_coarse_stride, cfg.mesh_refine_margin, True),
+             f"follow, far beyond {clamp}": cfg.grid_spec(clamp, res)}
 
-    def once(follow: bool) -> tuple[list[SparseGrid], float]:
+    def once(name: str) -> tuple[list[SparseGrid], float]:
         t0 = time.perf_counter()
-        out = decode_sparse_grids(prepared.decode, codes, specs[follow], cfg.precision, cfg.points_per_forward, n)
+        out = decode_sparse_grids(prepared.decode, codes, specs[name], cfg.precision, cfg.points_per_forward, n)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return out, time.perf_counter() - t0
 
     grids = {}
-    for follow in (False, True):
-        grids[follow], dt = once(follow)
-        print(f"warm-up, follow_surface={follow}: {dt:.2f} s", flush=True)
-    times: dict[bool, list[float]] = {False: [], True: []}
+    for name in specs:
+        grids[name], dt = once(name)
+        print(f"warm-up, {name}: {dt:.2f} s", flush=True)
+    times: dict[str, list[float]] = {name: [] for name in specs}
     for _ in range(3):
-        for follow in (False, True):
-            times[follow].append(once(follow)[1])
-    for follow in (False, True):
-        g = grids[follow]
+        for name in specs:
+            times[name].append(once(name)[1])
+    for name in specs:
+        g = grids[name]
         mid = sum(x.num_mid for x in g) / n
         fine = sum(x.fine_values.size for x in g) / n
         total = sum(x.num_decoded for x in g) / n
-        best = min(times[follow])
-        print(f"follow_surface={follow}: {total / 1e6:.2f} M points per shape (mid levels {mid / 1e6:.2f} M, last "
+        best = min(times[name])
+        print(f"{name}: {total / 1e6:.2f} M points per shape (mid levels {mid / 1e6:.2f} M, last "
               f"level {fine / 1e6:.2f} M, {total / res ** 3:.1%} of the grid); {n} shapes in "
-              f"{', '.join(f'{t:.3f}' for t in times[follow])} s: {best / n:.4f} s per shape (best)", flush=True)
-    print(f"wall ratio follow/margin (best of 3): {min(times[True]) / min(times[False]):.3f}")
+              f"{', '.join(f'{t:.3f}' for t in times[name])} s: {best / n:.4f} s per shape (best); wall ratio "
+              f"to the margin's {best / min(times['margin']):.3f}", flush=True)
 
     dense_spec = GridSpec(res)
     dense = []
@@ -85,15 +89,15 @@ def main() -> None:
             dense.append(SparseGrid(dense_spec, values.cpu().numpy(), np.zeros((0, 0, 0), dtype=bool),
                                     np.zeros(0, dtype=np.float32)))
     with ProcessPoolExecutor(max(1, (os.cpu_count() or 2) - 1)) as pool:
-        margin = list(pool.map(mesh_of, grids[False]))
-        follow = list(pool.map(mesh_of, grids[True]))
+        meshes = {name: list(pool.map(mesh_of, grids[name])) for name in specs}
         dense_meshes = list(pool.map(mesh_of, dense))
-    equal = sum(same(a, b) for a, b in zip(margin, follow))
-    print(f"meshes, margin against following: {equal} of {n} identical (statuses: "
-          f"{sorted(set(m[0] for m in margin))} / {sorted(set(m[0] for m in follow))})")
+    for name in specs:
+        equal = sum(same(a, b) for a, b in zip(meshes["margin"], meshes[name]))
+        print(f"meshes, {name} against the margin's: {equal} of {n} identical (statuses "
+              f"{sorted(set(m[0] for m in meshes[name]))})")
     for b, d in enumerate(dense_meshes):
-        print(f"  shape {b}: dense {d[0]} {0 if d[2] is None else len(d[2])} faces; margin identical "
-              f"{same(d, margin[b])}, following identical {same(d, follow[b])}")
+        print(f"  shape {b}: dense {d[0]} {0 if d[2] is None else len(d[2])} faces; identical: "
+              + ", ".join(f"{name} {same(d, meshes[name][b])}" for name in specs))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from sdf_ray.device_settings import resolve_precision
 from sdf_ray.model import DeepSDFDecoder
 from sdf_ray.shapes.config import ReconstructConfig
 from sdf_ray.shapes.decode import decode_points, decode_shared
-from sdf_ray.shapes.meshing import GridSpec, coarse_points, decode_grid, extract_mesh
+from sdf_ray.shapes.meshing import coarse_points, decode_grid, extract_mesh
 from sdf_ray.shapes.reconstruct import SampleBank, freeze, prepare, reconstruct_codes
 from sdf_ray.shapes.samples import ShapeSamples
 
@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from sdf_ray.data.synth import synth_shape
 
-    spec = GridSpec(cfg.mesh_resolution, cfg.mesh_coarse_stride, cfg.mesh_refine_margin,
-                    cfg.mesh_follow_surface)
+    spec = cfg.grid_spec()  # analytic shapes: true distances
     counts, t_mesh = [], 0.0
     for i in range(args.mesh_shapes):
         grid = decode_grid(synth_shape(i, 0).sdf, spec)

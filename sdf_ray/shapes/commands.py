@@ -364,7 +364,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     if not any(s.has_ground_truth for s in scenes):
         print("reconstruct: the dataset has no ground truth (surface samples): shapes are reconstructed and "
               "meshed; the surface metrics need ground truth")
-    job = Job("reconstruct", str(out_dir), str(data), cfg, clamp, run.latent_size, _compile_cache(run))
+    job = Job("reconstruct", str(out_dir), str(data), cfg, clamp, run.latent_size, _compile_cache(run),
+              run.config.loss.clamp_dist)
     extra = {"command": "reconstruct", "run": str(run.directory), "checkpoint": run.checkpoint.name,
              "dataset": str(data)}
     return _run("reconstruct", job, scenes, run.decoder_payload(), None, args.address, extra)
@@ -406,7 +407,7 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     check_job(out_dir, record, args.overwrite)
     clamp = cfg.clamp_dist if cfg.clamp_dist is not None else run.config.loss.clamp_dist
     job = Job("mesh", str(out_dir), None if data is None else str(data), cfg, clamp, run.latent_size,
-              _compile_cache(run))
+              _compile_cache(run), run.config.loss.clamp_dist)
     codes = run.latents_NL.numpy()[ids]
     extra = {"command": "mesh", "run": str(run.directory), "checkpoint": run.checkpoint.name,
              "dataset": None if data is None else str(data)}

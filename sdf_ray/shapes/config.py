@@ -10,12 +10,14 @@ go through the shared structurer (:mod:`sdf_ray.structure`), so every problem is
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from sdf_ray.config import CompileMode
 from sdf_ray.errors import ConfigError
+from sdf_ray.shapes.meshing import GridSpec
 from sdf_ray.structure import Ge, Gt, Interval, NonNegativeInt, PositiveFloat, PositiveInt, Rule, convert
 
 SECTION = "reconstruct"
@@ -137,6 +139,12 @@ class ReconstructConfig:
         """Problems between fields (the structurer runs this once the section is built)."""
         if not isinstance(self.compile, bool) and self.compile != "auto":  # 1 == True passes the Literal check
             yield "compile", f"expected true, false or 'auto', got {self.compile!r}"
+
+    def grid_spec(self, decoder_clamp: float = math.inf, resolution: int | None = None) -> GridSpec:
+        """The meshing grid of these settings (at ``resolution``, default ``mesh_resolution``) for a decoder trained
+        on targets clamped at ``decoder_clamp``, beyond which its values only say "far" (:attr:`GridSpec.far`)."""
+        return GridSpec(resolution or self.mesh_resolution, self.mesh_coarse_stride, self.mesh_refine_margin,
+                        self.mesh_follow_surface, decoder_clamp)
 
 
 def lr_at(cfg: ReconstructConfig, iteration: int) -> float:

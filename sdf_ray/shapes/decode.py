@@ -119,7 +119,7 @@ def _blocks_to_refine(v: torch.Tensor, threshold: float) -> torch.Tensor:
 def _refine_blocks(spec: GridSpec, coarse_values_BP: torch.Tensor) -> torch.Tensor:
     """:func:`sdf_ray.shapes.meshing.refine_blocks` on the device, per shape: ``[B, nb, nb, nb]``."""
     nc = len(spec.coarse_index())
-    return _blocks_to_refine(coarse_values_BP.reshape(-1, nc, nc, nc), spec.margin_abs)
+    return _blocks_to_refine(coarse_values_BP.reshape(-1, nc, nc, nc), spec.threshold_at(spec.coarse_stride))
 
 
 def _corner_points(cells: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ Decoding is left to the caller (:class:`SdfFunction` on numpy points, or the dev
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,9 @@ class GridSpec:
     follow_surface: bool = True
     """The final level keeps only the blocks whose corners change sign, and :func:`follow_surface` adds every block
     the surface leaves them through; False: the final level keeps the blocks within the margin too."""
+    far: float = math.inf
+    """|f| above this never counts as near: a decoder trained on targets clamped at this distance says no more
+    than "at least this far" there (the run's clamp distance; inf for a true distance function)."""
 
     @property
     def voxel_size(self) -> float:
@@ -90,17 +94,13 @@ class GridSpec:
         """The refinement threshold on |f| for blocks of ``stride`` cells: margin x a full block's half-diagonal."""
         return float(self.refine_margin * stride * self.voxel_size * np.sqrt(3.0) / 2.0)
 
-    @property
-    def margin_abs(self) -> float:
-        """The coarse level's threshold (:meth:`margin_at` the coarse stride)."""
-        return self.margin_at(self.coarse_stride)
-
     def threshold_at(self, stride: int) -> float:
-        """The threshold on |f| that refines a block of the ``stride`` level below the coarse one: the margin's, or
-        0 at the final level when following the surface (only corners that change sign, or hit 0, refine)."""
-        if self.follow_surface and stride == self.final_stride:
+        """The threshold on |f| that refines a block of the ``stride`` level: the margin's, at most :attr:`far`; 0
+        at a final level below the coarse one when following the surface (only corners that change sign, or hit
+        0, refine)."""
+        if self.follow_surface and stride == self.final_stride and len(self.block_strides) > 1:
             return 0.0
-        return self.margin_at(stride)
+        return min(self.margin_at(stride), self.far)
 
 
 def grid_points(axis_values: np.ndarray) -> np.ndarray:
@@ -133,7 +133,8 @@ def blocks_to_refine(values: np.ndarray, threshold: float) -> np.ndarray:
 def refine_blocks(spec: GridSpec, coarse_values: np.ndarray) -> np.ndarray:
     """The coarse level's blocks to refine, from the values at :func:`coarse_points`."""
     nc = len(spec.coarse_index())
-    return blocks_to_refine(np.asarray(coarse_values, dtype=np.float32).reshape(nc, nc, nc), spec.margin_abs)
+    return blocks_to_refine(np.asarray(coarse_values, dtype=np.float32).reshape(nc, nc, nc),
+                            spec.threshold_at(spec.coarse_stride))
 
 
 def parent_blocks(spec: GridSpec, stride: int, parent_stride: int) -> np.ndarray:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -41,10 +42,12 @@ class Job:
     latent_size: int
     compile_cache_dir: str | None = None
     """torch.compile's caches (the trained run's storage path shares them with training: ``launch``)."""
+    decoder_clamp: float = math.inf
+    """The clamp distance the decoder was trained with (the run's ``loss.clamp_dist``): meshing reads values beyond
+    it as far."""
 
     def grid_spec(self) -> GridSpec:
-        c = self.cfg
-        return GridSpec(c.mesh_resolution, c.mesh_coarse_stride, c.mesh_refine_margin, c.mesh_follow_surface)
+        return self.cfg.grid_spec(self.decoder_clamp)
 
 
 @dataclass
