@@ -414,6 +414,37 @@ def test_a_failed_shutdown_in_the_background_is_one_warning_line(monkeypatch, ca
     assert [r.getMessage() for r in caplog.records] == ["warning: Ray did not shut down cleanly: raylet gone"]
 
 
+def test_an_embedded_ray_loses_its_autoscaler_monitor_before_it_shuts_down(monkeypatch):
+    """The monitor hangs a second on SIGTERM once the GCS is gone (Ray stops the GCS first): disconnect_ray kills it
+    before ray.shutdown(), and a Ray that only connected (no node of its own) is shut down as before."""
+    import ray
+    from ray._private import ray_constants, worker
+
+    from sdf_ray import ray_session
+
+    class Process:
+        killed = False
+
+        def kill(self) -> None:
+            self.killed = True
+
+    class Info:
+        def __init__(self) -> None:
+            self.process = Process()
+
+    monitor, raylet = Info(), Info()
+    calls: list[tuple[bool, bool]] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append((monitor.process.killed, raylet.process.killed)))
+    node = type("Node", (), {"all_processes": {ray_constants.PROCESS_TYPE_MONITOR: [monitor],
+                                               ray_constants.PROCESS_TYPE_RAYLET: [raylet]}})()
+    monkeypatch.setattr(worker, "_global_node", node)
+    ray_session.disconnect_ray()
+    monkeypatch.setattr(worker, "_global_node", None)
+    ray_session.disconnect_ray()
+    assert calls == [(True, False), (True, False)]
+
+
 # --------------------------------------------------------------------------------------------------
 # The picture: its shapes go first, and it is drawn in the background as soon as they are done
 
