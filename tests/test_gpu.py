@@ -116,7 +116,8 @@ def test_a_packed_sweep_runs_four_quarter_gpu_trials_at_once(ray_session, tiny_d
 @pytest.mark.parametrize("compile_", [False, True])
 def test_two_batches_in_flight_on_cuda_match_one_after_the_other(tmp_path_factory, compile_):
     """The GPU default of ``reconstruct.batches_in_flight`` (2): two threads of one actor, each on a CUDA stream
-    of its own, against the same batches one after the other on one thread."""
+    of its own, against the same batches one after the other on one thread; from a fresh actor too, whose second
+    batch optimises while the first one compiles the decoding graphs."""
     import dataclasses
     import threading
 
@@ -135,13 +136,20 @@ def test_two_batches_in_flight_on_cuda_match_one_after_the_other(tmp_path_factor
     worker = ShapeWorker(run.decoder_payload(), job, "cuda")
     batches = [[0, 2], [1]]
     alone = [worker.run(b) for b in batches]
-    together: list = [None, None]
-    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, worker.run(batches[i]))) for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for a_batch, t_batch in zip(alone, together):
+
+    def in_two_threads(worker: ShapeWorker) -> list:
+        together: list = [None, None]
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, worker.run(batches[i])))
+                   for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return together
+
+    warm = in_two_threads(worker)
+    fresh = in_two_threads(ShapeWorker(run.decoder_payload(), job, "cuda"))
+    for a_batch, t_batch in zip(alone + alone, warm + fresh):
         assert t_batch is not None
         for a, t in zip(a_batch, t_batch):
             assert a.status == t.status == "ok"

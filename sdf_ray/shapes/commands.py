@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -334,7 +335,11 @@ def _run(verb: str, job: Any, scenes: list[Any], payload: dict[str, Any], codes:
         return _finish(out_dir, verb, rows, started, len(todo), extra, job.data_path, clock, sheet)
     finally:
         if shutdown is not None:
+            waited = time.perf_counter()
             shutdown.join()
+            if sys.exc_info()[0] is None:  # not on the way out of an error or Ctrl-C
+                print(f"  {'teardown':9s} {'ray_shutdown':28s} {time.perf_counter() - waited:7.2f} s  the "
+                      "embedded Ray stopped, after the lines above (it began as the last shape was written)")
         if sheet is not None:
             sheet.join()
 

@@ -205,6 +205,9 @@ class Prepared:
     model: nn.Module
     decode: nn.Module
     step: CodeStep
+    step_apart: bool = True
+    """Whether ``step`` runs none of ``decode``'s compiled code (it does when autograd goes through the compiled
+    module): then one thread may compile ``decode`` while another runs ``step``."""
 
 
 def prepare(decoder: nn.Module, cfg: ReconstructConfig, clamp_dist: float, compile: bool) -> Prepared:
@@ -226,7 +229,7 @@ def prepare(decoder: nn.Module, cfg: ReconstructConfig, clamp_dist: float, compi
                                                       dynamic=False))
     # Autograd through the compiled module: dynamo breaks the graph at torch.autograd.grad, so a compiled step
     # function would run the backward outside the compiled graph.
-    return Prepared(model, decode, code_step(decode, cfg, clamp_dist))
+    return Prepared(model, decode, code_step(decode, cfg, clamp_dist), step_apart=False)
 
 
 @dataclass

@@ -109,6 +109,8 @@ class ShapeWorker:
         self._optimising = threading.Lock()
         self._first_batch = threading.Lock()
         self._warm = False
+        self._first_decode = threading.Lock()
+        self._decoded = False
         self._local = threading.local()
         if self.device.type == "cuda":
             if self.cfg.precision == "tf32":
@@ -162,9 +164,11 @@ class ShapeWorker:
     def run(self, scene_ids: Sequence[int], codes_BL: np.ndarray | None = None) -> list[ShapeOutput]:
         """Optimise (``reconstruct``) or take ``codes_BL`` (``mesh``), then measure and decode every shape."""
         with self._stream():
-            if not self._warm:
-                # The first batch runs alone: it compiles (and autotunes) every graph, and torch.compile does not
-                # promise that one thread may compile a function while another runs it.
+            if not self._warm and not self.prepared.step_apart:
+                # The step runs the decoding module: the first batch runs alone, since it compiles (and autotunes)
+                # every graph and torch.compile does not promise that one thread may compile a function while
+                # another runs it. Otherwise the step compiles under the device lock and the first decoding runs
+                # alone (_first_decoding_alone), so the next batch optimises while the first one decodes.
                 with self._first_batch:
                     if not self._warm:
                         outs = self._run(scene_ids, codes_BL)
@@ -207,12 +211,25 @@ class ShapeWorker:
                                         dropped_nan_samples=shapes[j].dropped_nan_rows if shapes else 0))
         good = [j for j, o in enumerate(outs) if o.status == "ok"]
         if good:
-            with self._measure_stream():
+            with self._measure_stream(), self._first_decoding_alone() as decoded:
                 self._measure(outs, good, bank, shapes)
+                decoded.append(any(outs[j].grid is not None for j in good))
             self.marks.setdefault("first_batch_decoded", time.time())
         for o in outs:
             o.stages.update(load=t_load / len(outs), wait=waited / len(outs), optimise=optimised / len(outs))
         return outs
+
+    @contextlib.contextmanager
+    def _first_decoding_alone(self) -> Iterator[list[bool]]:
+        """Until a batch has decoded a grid (compiling the decoding graphs), one batch at a time decodes; the caller
+        appends whether its batch decoded one."""
+        if self._decoded:
+            yield []
+            return
+        with self._first_decode:
+            decoded: list[bool] = []
+            yield decoded
+            self._decoded = self._decoded or any(decoded)
 
     def _measure(self, outs: list[ShapeOutput], good: list[int], bank: Any, shapes: Any) -> None:
         """``sdf_l1`` and the decoded grids of the shapes ``good`` of ``outs`` (their codes); ends in host copies,
