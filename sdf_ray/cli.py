@@ -7,10 +7,13 @@ traceback), 3 training diverged, 130 interrupted. Connecting to Ray is ``sdf_ray
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import logging
 import math
+import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -137,5 +140,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+FAST_EXIT_COMMANDS = frozenset({"reconstruct", "mesh", "evaluate"})
+"""Commands whose results are all written and closed, and whose Ray is stopped, by the time :func:`main` returns."""
+
+
+def run() -> None:
+    """The console entry point (``sdf-ray``, ``python -m sdf_ray.cli``): :func:`main`, then the exit.
+
+    After a command of :data:`FAST_EXIT_COMMANDS` the process leaves once the atexit handlers have run (logging's
+    flush, Ray's), without finalising the interpreter: tearing down the thousands of modules of torch, Ray and
+    the rest took 0.74-0.78 s after the last line on the 2-core machine and about 1.2 s on an H200 machine, with
+    every result long written. Any other command, or a thread still running, exits the usual way."""
+    code = main()
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if len(sys.argv) > 1 and sys.argv[1] in FAST_EXIT_COMMANDS and not others:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

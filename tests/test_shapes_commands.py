@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -650,3 +651,53 @@ def test_run_does_the_pictures_shapes_first_and_draws_it_while_the_others_go_on(
         assert commands._run("mesh", job, scenes, {}, codes, None, {}) == 1  # every shape failed
     assert draws == [("contact-sheet", sorted(picked), 20)]
     assert not any(t.name == "contact-sheet" for t in threading.enumerate())
+
+
+# --------------------------------------------------------------------------------------------------
+# The console entry point leaves without finalising the interpreter after the shape commands
+
+
+@pytest.mark.parametrize(("command", "fast"), [("reconstruct", True), ("evaluate", True), ("train", False)])
+def test_the_entry_point_runs_the_exit_handlers_then_leaves_with_the_command_code(monkeypatch, command, fast):
+    import atexit
+    import os
+
+    from sdf_ray import cli
+
+    calls: list[str] = []
+
+    class Left(Exception):
+        pass
+
+    def leave(code: int) -> None:
+        calls.append(f"_exit {code}")
+        raise Left
+
+    monkeypatch.setattr(cli, "main", lambda: 2)
+    monkeypatch.setattr(sys, "argv", ["sdf-ray", command, "--whatever"])
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append("atexit"))
+    monkeypatch.setattr(os, "_exit", leave)
+    with pytest.raises(Left if fast else SystemExit) as raised:
+        cli.run()
+    assert calls == (["atexit", "_exit 2"] if fast else [])
+    if not fast:
+        assert raised.value.code == 2  # type: ignore[union-attr]
+
+
+def test_a_fast_exit_waits_for_a_thread_still_running(monkeypatch):
+    """A non-daemon thread still at work (writing something) gets the usual exit, which waits for it."""
+    import threading
+
+    from sdf_ray import cli
+
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait)
+    worker.start()
+    try:
+        monkeypatch.setattr(cli, "main", lambda: 0)
+        monkeypatch.setattr(sys, "argv", ["sdf-ray", "reconstruct"])
+        with pytest.raises(SystemExit):
+            cli.run()
+    finally:
+        release.set()
+        worker.join()
