@@ -87,10 +87,10 @@ class ReconstructConfig:
     mesh_coarse_stride: PositiveInt = 8
     """Fine cells per coarse block along an axis: the coarse grid decodes every this-many fine points; blocks
     near the surface are halved level by level while the size is even and above 2 (8 -> 4 -> 2), and the
-    2-cell blocks left near the surface are decoded at full resolution (1: dense decoding). At N = 256 this
-    decodes about 1.4 M points of an analytic shape instead of 2.2 M for one level of 4-cell blocks; a trained
-    decoder, whose |f| stays small in wider bands, about 4.3 M of the 16.8 M (the summary's ``grid`` line). A
-    stride at or above the resolution is one block over the whole grid (valid, just not sparse at the top level)."""
+    2-cell blocks the surface crosses are decoded at full resolution (1: dense decoding). At N = 256 a trained
+    decoder decodes about 1.3 M of the 16.8 M points per shape (the summary's ``grid`` line), most of them at the
+    middle levels. A stride at or above the resolution is one block over the whole grid (valid, just not sparse
+    at the top level)."""
     mesh_refine_margin: Annotated[float, Ge(1)] = 2.0
     """A block (at any level but the last, see ``mesh_follow_surface``) is refined when its corners change sign or
     one has |sdf| below this many block half-diagonals. 1 suffices for a true distance function; a decoder only
@@ -100,9 +100,10 @@ class ReconstructConfig:
     block face whose decoded points change sign brings in the block beyond it, until the surface leaves the
     decoded blocks nowhere. Every marching-cubes surface that passes through such a block is then exactly the
     dense one, however flat or steep the decoder's field. Only a part that nowhere changes sign between the
-    2-cell blocks' corners and touches no larger part (thinner than 2 cells all over) can be missed. A sphere at
-    256^3 decodes 0.63 M points instead of 1.14 M with the margin at the last level, and a field half as steep
-    0.80 M instead of 1.82 M (same meshes). false: the last level refines by the margin too."""
+    2-cell blocks' corners and touches no larger part (thinner than 2 cells all over) can be missed. At 256^3 a
+    trained decoder (docs/performance.md, session 13) decodes 1.27 M points per shape instead of 4.28 M with the
+    margin at the last level, in 0.42 of the time, with the same meshes; a sphere 0.63 M instead of 1.14 M. false:
+    the last level refines by the margin too."""
     points_per_forward: Annotated[int, Ge(1024)] = 262_144
     """Grid points per decoder call (bounds device memory while decoding)."""
     fscore_tau: PositiveFloat = 0.01
