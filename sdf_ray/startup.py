@@ -227,8 +227,13 @@ def format_breakdown(summary: dict[str, Any], timeline: Timeline = TRAINING) -> 
         text = " + ".join(timeline.description(p) for p in phase.split("+"))
         where = ("start-up" if _is_startup(end, timeline) else "teardown" if _is_teardown(end, timeline)
                  else timeline.middle)
-        lines.append(f"  {where:9s} {phase:28s} {seconds:7.2f} s  {text}")
+        lines.append(phase_line(where, phase, seconds, text))
     return "\n".join(lines)
+
+
+def phase_line(where: str, phase: str, seconds: float, text: str) -> str:
+    """One line of :func:`format_breakdown` (``where``: start-up, teardown or the middle's name)."""
+    return f"  {where:9s} {phase:28s} {seconds:7.2f} s  {text}"
 
 
 def _origin_word(summary: dict[str, Any]) -> str:

@@ -299,7 +299,7 @@ def _sheet_first(out_dir: Path, scenes: Sequence[Any], done: Sequence[dict[str, 
 def _run(verb: str, job: Any, scenes: list[Any], payload: dict[str, Any], codes: np.ndarray | None,
          address: str | None, extra: dict[str, Any]) -> int:
     from sdf_ray.shapes.pipeline import Progress, run_shapes
-    from sdf_ray.startup import SHAPES, StartupClock
+    from sdf_ray.startup import SHAPES, StartupClock, phase_line
 
     out_dir = Path(job.out_dir)
     started = time.perf_counter()
@@ -338,8 +338,8 @@ def _run(verb: str, job: Any, scenes: list[Any], payload: dict[str, Any], codes:
             waited = time.perf_counter()
             shutdown.join()
             if sys.exc_info()[0] is None:  # not on the way out of an error or Ctrl-C
-                print(f"  {'teardown':9s} {'ray_shutdown':28s} {time.perf_counter() - waited:7.2f} s  the "
-                      "embedded Ray stopped, after the lines above (it began as the last shape was written)")
+                print(phase_line("teardown", "ray_shutdown", time.perf_counter() - waited, "the embedded Ray "
+                                 "stopped, after the lines above (it began as the last shape was written)"))
         if sheet is not None:
             sheet.join()
 

@@ -226,8 +226,8 @@ def _follow_surface(spec: GridSpec, blocks: torch.Tensor, axis: torch.Tensor,
         if not bool(grow.any()):
             break
         blocks = blocks | grow
-    fine = _corner_points(_take3(blocks, cell_index))
-    return blocks, values[fine], fine.flatten(1).sum(dim=1)
+    # Every point of the final blocks is decoded by now, and no other: ``decoded`` is their fine points.
+    return blocks, values[decoded], decoded.flatten(1).sum(dim=1)
 
 
 GROUP_POINTS = 1 << 26

@@ -258,7 +258,7 @@ def follow_surface(spec: GridSpec, blocks: np.ndarray, sdf: SdfFunction) -> tupl
         decoded |= points
         grow = blocks_across_sign_changes(spec, values, blocks) if spec.follow_surface else None
         if grow is None or not grow.any():
-            return blocks, values[refined_points(spec, blocks)]
+            return blocks, values[decoded]  # the fine points of the final blocks, and no others
         blocks = blocks | grow
 
 
