@@ -71,9 +71,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_summary(previous)
         return EXIT_OK
     clock.mark("config_checked")
-    prestart_requested: list[bool] = []
+    prestarted: list[dict[str, str] | None] = []
     where = connect_ray(args.address, import_meanwhile=launch.DRIVER_IMPORTS,
-                        prestart=lambda: prestart_requested.append(launch.prestart_processes(cfg)))
+                        prestart=lambda: prestarted.append(launch.prestart_processes(cfg)))
     clock.mark("ray_connected")
     launch.check_cluster_resources(cfg)
     warning = launch.storage_warning(cfg.checkpoint.storage_path, launch.num_alive_nodes())
@@ -86,7 +86,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         disconnect_ray()
     clock.mark("exit")
     summary = clock.complete(summary)
-    summary["startup_prestart_requested"] = any(prestart_requested)
+    asked = next((envs for envs in prestarted if envs), None)
+    summary["startup_prestart_requested"] = asked is not None
+    if asked is not None:
+        summary["startup_prestart_runtime_envs"] = asked
     warning = launch.unused_prestart_warning(summary)
     if warning:
         log.warning("warning: %s", warning)

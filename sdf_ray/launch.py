@@ -203,7 +203,7 @@ def may_compile(cfg: TrainConfig) -> bool:
     return cfg.model.compile is True or (cfg.model.compile == "auto" and cfg.scaling.use_gpu)
 
 
-def prestart_processes(cfg: TrainConfig) -> bool:
+def prestart_processes(cfg: TrainConfig) -> dict[str, str] | None:
     """Right after an embedded Ray starts: its raylet starts Ray Train's controller and worker processes for ``cfg``
     ahead of need (``ray_session.prestart_train_processes``). Not for a run the cluster cannot hold (its one-line
     error comes next, from :func:`check_cluster_resources`)."""
@@ -212,7 +212,7 @@ def prestart_processes(cfg: TrainConfig) -> bool:
     try:
         check_cluster_resources(cfg)
     except ClusterError:
-        return False
+        return None
     return prestart_train_processes(cfg.scaling.num_workers, train_worker_runtime_env(may_compile(cfg)))
 
 
@@ -320,15 +320,19 @@ def fit(cfg: TrainConfig, *, callbacks: list[Any] | None = None, startup: Startu
 
 
 def unused_prestart_warning(summary: dict[str, Any]) -> str | None:
-    """A line when processes were prestarted for the run (``startup_prestart_requested``) and Ray Train did not use
-    them: they idled beside it (a Ray whose runtime envs no longer hash as ``ray_session`` computes them)."""
+    """A line when Ray Train's processes ran with runtime envs other than those prestarted for them
+    (``startup_prestart_runtime_envs`` against ``startup_runtime_envs``): Ray could never use the prestarted ones,
+    which idled beside the run (a Ray whose runtime envs no longer hash as ``ray_session`` computes them). A
+    prestarted process passed over although it matched (``startup_prestarted``) is the raylet's choice: no line."""
     from sdf_ray.ray_session import PRESTART_ENV
 
-    unused = [who for who, used in (summary.get("startup_prestarted") or {}).items() if not used]
-    if not summary.get("startup_prestart_requested") or not unused:
+    asked = summary.get("startup_prestart_runtime_envs") or {}
+    ran = summary.get("startup_runtime_envs") or {}
+    differ = [who for who, digest in asked.items() if who in ran and ran[who] != digest]
+    if not differ:
         return None
-    return (f"Ray Train did not use the processes prestarted for it ({', '.join(unused)}): they idled beside the run; "
-            f"{PRESTART_ENV}=0 turns prestarting off")
+    return (f"Ray Train's processes ({', '.join(differ)}) ran with runtime envs other than those prestarted for them, "
+            f"which idled beside the run; {PRESTART_ENV}=0 turns prestarting off")
 
 
 def prestarted_processes(marks: dict[str, float], *, restarts: int = 0) -> dict[str, Any]:

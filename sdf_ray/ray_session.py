@@ -13,6 +13,7 @@ groups that Ray Train leaks when Tune stops a trial are reaped by a Tune callbac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -372,7 +373,8 @@ def train_backend_config(backend: str) -> Any:
                                                        backend_config.backend, rank, size, backend_config.timeout_s)
                      for rank in range(size)])
             worker_group.execute(record_remote_marks, {"controller_process_started": process_start_time(),
-                                                       "worker_group_up": started, "process_group_ready": time.time()})
+                                                       "worker_group_up": started, "process_group_ready": time.time()},
+                                 controller_runtime_env=current_runtime_env_digest())
 
         def on_shutdown(self, worker_group: Any, backend_config: Any) -> None:
             futures = worker_group.execute_async(_shutdown_torch, len(worker_group) > 1)
@@ -446,10 +448,12 @@ def train_worker_runtime_env(compiles: bool) -> dict[str, Any]:
 # 18.3-20.6 s without (docs/performance.md, session 10). The runtime envs are computed as Ray Train and Ray's core
 # worker compute them (``DataParallelTrainer._initialize_and_run_controller``, ``WorkerGroup._get_worker_runtime_env``,
 # ``CoreWorker::OverrideTaskOrActorRuntimeEnvInfo``); a process whose hash does not match is never used (the run then
-# warns, see cli.cmd_train). Only for an embedded Ray: its raylet has this driver's environment, so the propagated
+# warns, see cli.cmd_train). One whose hash matches can still be passed over for a fresh process: seen once, for rank 0,
+# in CI on the 2-core machine; the run then starts as it would have without, and only summary.json tells
+# (``startup_prestarted``). Only for an embedded Ray: its raylet has this driver's environment, so the propagated
 # variables are known, and every worker runs on this node. ``SDF_RAY_PRESTART=0`` turns it off.
 # Delete when: Ray Train starts its controller and worker processes ahead of need itself, or Ray exposes prestarting
-# to Python. Check: tests/test_startup.py's healthy run (``startup_prestarted``) fails when the hashes stop matching.
+# to Python. Check: tests/test_startup.py's healthy run (``startup_runtime_envs``) fails when the hashes stop matching.
 PRESTART_KEEP_ALIVE_S = 120
 PRESTART_ENV = "SDF_RAY_PRESTART"
 
@@ -521,13 +525,30 @@ def train_process_runtime_envs(job_env: str, worker_runtime_env: dict[str, Any],
     return controller, child_runtime_env(controller, worker_child)
 
 
-def prestart_train_processes(num_workers: int, worker_runtime_env: dict[str, Any]) -> bool:
+def runtime_env_digest(serialized: str) -> str:
+    """A short name for a serialized runtime env (the string the raylet hashes): equal names, same worker pool."""
+    return hashlib.sha256((serialized if serialized not in ("", "{}") else "{}").encode()).hexdigest()[:16]
+
+
+def current_runtime_env_digest() -> str | None:
+    """:func:`runtime_env_digest` of this Ray process's runtime env, the one its lease matched (None outside Ray)."""
+    try:
+        import ray
+
+        worker: Any = ray._private.worker.global_worker
+        return runtime_env_digest(worker.core_worker.get_current_runtime_env() or "{}")
+    except Exception:  # not a Ray worker, or an upgraded Ray moved it: the summary then leaves it out
+        return None
+
+
+def prestart_train_processes(num_workers: int, worker_runtime_env: dict[str, Any]) -> dict[str, str] | None:
     """Have the embedded Ray start Ray Train's controller process and ``num_workers`` worker processes now (see the
-    workaround above); False when it did not ask (then Ray starts them when the run needs them, as before)."""
+    workaround above). Returns the :func:`runtime_env_digest` of the runtime envs asked for, ``controller`` and
+    ``rank0`` (every worker's); None when it did not ask (then Ray starts them when the run needs them, as before)."""
     import ray
 
     if os.environ.get(PRESTART_ENV, "1") == "0":
-        return False
+        return None
     try:
         from ray._private.grpc_utils import init_grpc_channel
         from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc, runtime_environment_pb2
@@ -544,10 +565,10 @@ def prestart_train_processes(num_workers: int, worker_runtime_env: dict[str, Any
                     language=common.PYTHON, job_id=worker.current_job_id.binary(),
                     runtime_env_info=runtime_environment.RuntimeEnvInfo(serialized_runtime_env=serialized),
                     keep_alive_duration_secs=PRESTART_KEEP_ALIVE_S, num_workers=count), timeout=2)
-        return True
+        return {"controller": runtime_env_digest(controller), "rank0": runtime_env_digest(workers)}
     except Exception as exc:  # an upgraded Ray may have moved any of this: the run then starts as before
         log.debug("cannot prestart Ray Train's processes: %s", first_line(exc))
-        return False
+        return None
 
 
 def quiet_train_report_log() -> None:

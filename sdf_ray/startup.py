@@ -244,16 +244,25 @@ def _origin_word(summary: dict[str, Any]) -> str:
 # Marks taken in Ray Train's controller, delivered to the worker processes (ray_session.train_backend_config)
 
 _REMOTE_MARKS: dict[str, float] = {}
+_CONTROLLER_RUNTIME_ENV: list[str] = []
 
 
-def record_remote_marks(marks: dict[str, float]) -> None:
-    """Runs in each worker process: keep the controller's wall-clock marks for the training function."""
+def record_remote_marks(marks: dict[str, float], controller_runtime_env: str | None = None) -> None:
+    """Runs in each worker process: keep the controller's wall-clock marks for the training function, and the digest
+    of the controller's runtime env (``ray_session.runtime_env_digest``) when it knows it."""
     _REMOTE_MARKS.update(marks)
+    if controller_runtime_env is not None:
+        _CONTROLLER_RUNTIME_ENV[:] = [controller_runtime_env]
 
 
 def remote_marks() -> dict[str, float]:
     """The wall-clock marks the controller delivered to this worker process (``{}`` when it delivered none)."""
     return dict(_REMOTE_MARKS)
+
+
+def controller_runtime_env() -> str | None:
+    """The digest of the controller's runtime env that it delivered to this worker process (None when it did not)."""
+    return _CONTROLLER_RUNTIME_ENV[0] if _CONTROLLER_RUNTIME_ENV else None
 
 
 # ---------------------------------------------------------------------------------------------

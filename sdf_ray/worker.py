@@ -24,10 +24,11 @@ from sdf_ray.config import TrainConfig, from_dict, to_yaml
 from sdf_ray.device_settings import describe, resolve_for_device, use_compile_cache
 from sdf_ray.dist import default_collectives
 from sdf_ray.fsutil import write_json_atomic, write_text_atomic
-from sdf_ray.ray_session import quiet_train_report_log
+from sdf_ray.ray_session import current_runtime_env_digest, quiet_train_report_log
 from sdf_ray.run_files import RESOLVED_CONFIG_FILE, SUMMARY_FILE, WORKER_GROUP_STARTS_FILE
 from sdf_ray.startup import (
     StartupClock,
+    controller_runtime_env,
     finish_worker_imports,
     process_start_time,
     remote_marks,
@@ -135,6 +136,9 @@ def _summary(summary: dict[str, Any], cfg: TrainConfig, device: torch.device, ti
         "compile_cache": cache_env,
         # Whether Ray ran sdf-ray's setup hook in this worker process (ray_session.train_worker_runtime_env).
         "startup_worker_imports_preloaded": worker_imports_started(),
+        # The runtime envs the raylet matched Ray Train's processes on, against those prestarted (cli.cmd_train).
+        "startup_runtime_envs": {who: digest for who, digest in (("controller", controller_runtime_env()),
+                                                                 ("rank0", current_runtime_env_digest())) if digest},
     }
     if device.type == "cuda":
         extra["perf/peak_gpu_memory_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
