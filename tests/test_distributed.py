@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -20,6 +22,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _in_child(rank, fn, *args):
+    fn(rank, *args)
+    # Leave without finalising the interpreter, once the results are on disk and the process group is destroyed:
+    # gloo's C++ threads can still abort a process as it tears down ("terminate called without an active exception",
+    # SIGABRT; seen once in CI, rank 0 of test_two_workers_match_one_worker_on_the_same_global_batch).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def spawn(fn, args, world: int) -> None:
+    """Run ``fn(rank, *args)`` in ``world`` fresh processes; raises when one of them fails."""
+    mp.start_processes(_in_child, args=(fn, *args), nprocs=world, join=True, start_method="spawn")
+
+
 def _entry(rank, world, port, out_dir, num_steps, injections, overrides):
     dist_worker.run_steps(rank, world, port, f"{out_dir}/r{rank}.pt", num_steps, injections, overrides)
 
@@ -31,7 +48,7 @@ def run(tmp_path, world, num_steps, injections=(), overrides=None):
     if world == 1:
         _entry(0, *args)
     else:
-        mp.start_processes(_entry, args=args, nprocs=world, join=True, start_method="spawn")
+        spawn(_entry, args, world)
     return [torch.load(out / f"r{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -92,7 +109,7 @@ def _reshard_entry(rank, world, port, snap_path, out_path, train_steps):
 def test_checkpoint_reshards_to_another_world_size(tmp_path):
     """Codes and their Adam moments trained on 2 ranks restore bit-identically on 3 ranks and on 1."""
     trained = str(tmp_path / "trained.pt")
-    mp.start_processes(_reshard_entry, args=(2, free_port(), "", trained, 3), nprocs=2, start_method="spawn")
+    spawn(_reshard_entry, (2, free_port(), "", trained, 3), 2)
     original = torch.load(trained, weights_only=False)
     assert original["step"] == 3
     for world in (3, 1):
@@ -100,8 +117,7 @@ def test_checkpoint_reshards_to_another_world_size(tmp_path):
         if world == 1:
             _reshard_entry(0, 1, 0, trained, out, 0)
         else:
-            mp.start_processes(_reshard_entry, args=(world, free_port(), trained, out, 0), nprocs=world,
-                               start_method="spawn")
+            spawn(_reshard_entry, (world, free_port(), trained, out, 0), world)
         again = torch.load(out, weights_only=False)
         assert again["step"] == 3 and again["world_size"] == world
         assert torch.equal(again["latents"], original["latents"])
